@@ -43,12 +43,15 @@ class KernelConfig(NamedTuple):
     split_tiles: int  # vocabulary tiles per split: split size = split_tiles * block_n
     num_warps: int
     num_stages: int
+    # Interpreter only: products summed over K in index order instead of tl.dot, whose numpy/BLAS
+    # version gives a row different bits at different positions in a tile. Tests also run tl.dot there.
+    broadcast_dot: bool = False
 
 
 def kernel_config(device: torch.device, dtype: torch.dtype, d: int) -> KernelConfig:
     """One fixed config per device kind and dtype; never a function of N (row independence)."""
     if device.type == "cpu":  # interpreter: small tiles keep numpy fast and exercise every mask
-        return KernelConfig(16, 32, 16, 8, 1, 1)
+        return KernelConfig(16, 32, 16, 8, 1, 1, broadcast_dot=True)
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 64, 8, 3)
     return KernelConfig(128, 128, 64, 64, 8, 3)
@@ -69,7 +72,7 @@ if triton is not None:
         stride_hn, stride_hd, stride_wv, stride_wd,
         split_size, scale, softcap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BROADCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -107,7 +110,10 @@ if triton is not None:
                 if UPCAST:
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
-                acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+                if BROADCAST_DOT:
+                    acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+                else:
+                    acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
             z = acc
             if HAS_BIAS:
@@ -202,7 +208,7 @@ def forward(
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         split_size, LOG2E / alpha, float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=return_entropy,
-        UPCAST=interpreting, DOT_PRECISION=precision,
+        UPCAST=interpreting, DOT_PRECISION=precision, BROADCAST_DOT=cfg.broadcast_dot and interpreting,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

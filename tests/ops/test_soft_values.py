@@ -334,3 +334,38 @@ def test_gpu_triton_no_worse_than_torch_in_dtype(gen, dtype, n, d, v, softcap):
         again = endokern.soft_values(hidden, weight, targets, softcap=softcap, return_entropy=True, backend="triton")
         for a, b in zip(out, again):
             assert same_bits(a, b)
+
+
+# ---- the C++ kernel: every SIMD path this CPU supports --------------------------------------------------
+
+
+def _simd_paths():
+    from endokern.ops import cpu_backend
+
+    return cpu_backend.supported_simd() or [pytest.param("none", marks=pytest.mark.skip(reason="not built"))]
+
+
+@pytest.mark.parametrize("simd", _simd_paths())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,v", [(37, 64, 1000), (130, 47, 2777), (1, 9, 50)], ids=str)
+def test_cpu_simd_paths_match_oracle(gen, monkeypatch, simd, dtype, n, d, v):
+    monkeypatch.setenv("ENDOKERN_CPU_SIMD", simd)
+    hidden, weight, targets, bias = make_inputs(gen, n, d, v, dtype, with_bias=True)
+    for kwargs in (dict(alpha=0.5, bias=bias, softcap=30.0), dict(alpha=2.0, bias=None, softcap=None)):
+        out = endokern.soft_values(hidden, weight, targets, return_entropy=True, backend="cpu", **kwargs)
+        assert_close_to_oracle(out, hidden, weight, targets, label=simd, **kwargs)
+    row = n // 2
+    alone = endokern.soft_values(hidden[row : row + 1], weight, targets[row : row + 1], backend="cpu",
+                                 return_entropy=True, **kwargs)
+    for full, single in zip(out, alone):
+        assert same_bits(full[row : row + 1], single)
+
+
+def test_cpu_forced_unsupported_simd_is_refused(monkeypatch):
+    from endokern.ops import cpu_backend
+
+    if cpu_backend.UNAVAILABLE:
+        pytest.skip("not built")
+    monkeypatch.setenv("ENDOKERN_CPU_SIMD", "neon")
+    with pytest.raises(RuntimeError, match="not supported"):
+        endokern.soft_values(*_good(), backend="cpu")

@@ -12,7 +12,8 @@ the LM head [V, D]:
 
 Time is the median of --reps runs after a warm-up (CUDA events on GPU). Peak extra memory is what a
 contender adds on top of its inputs: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the
-resident set of a fresh process that runs it once (so it counts the C++ kernel's own buffers too).
+peak resident set (VmHWM, reset before the call) of a fresh process that runs it once, so it
+counts the C++ kernel's own buffers too (Linux only).
 
     python benchmarks/kernels.py                      # CPU rows of SPEC section 5
     python benchmarks/kernels.py --device cuda        # GPU rows (H100 shapes)
@@ -26,7 +27,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,9 +119,9 @@ def cuda_peak_extra(fn, args):
     return torch.cuda.max_memory_allocated() - base
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def cpu_peak_extra(name, n, d, v, softcap, dtype_name):
@@ -138,11 +138,12 @@ def memory_probe(name, n, d, v, softcap, dtype_name):
     fn = contenders(device, softcap)[name]
     with torch.no_grad():  # a small call first: library loading is not the kernel's memory
         fn(args[0][:1], args[1][:64], args[2][:1] % 64)
-    before = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    before = status_bytes("VmRSS")
     with torch.no_grad():
         fn(*args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(0, peak - before))
+    print(max(0, status_bytes("VmHWM") - before))
 
 
 def device_name(device: torch.device) -> str:

@@ -138,14 +138,16 @@ void pack_weight_f32(const Problem& pb, int64_t v0, int vb, int vbp, float* P) {
   }
 }
 
-// A[r * d + k] = hidden[r0 + r][k] as fp32, zero rows past `rows`.
-void pack_hidden_f32(const Problem& pb, int64_t r0, int rows, int mr, float* A) {
+// ptrs[r] -> hidden row r0 + r as fp32: the row itself for fp32 input, else converted into A[r * d ..];
+// rows past `rows` read zeros from A.
+void hidden_rows_f32(const Problem& pb, int64_t r0, int rows, int mr, float* A, const float** ptrs) {
   for (int r = 0; r < mr; ++r) {
     float* dst = A + r * pb.d;
+    ptrs[r] = dst;
     if (r < rows) {
       const int64_t row = (r0 + r) * pb.hidden_row_stride;
       if (pb.dtype == kFloat32) {
-        std::memcpy(dst, static_cast<const float*>(pb.hidden) + row, pb.d * sizeof(float));
+        ptrs[r] = static_cast<const float*>(pb.hidden) + row;
       } else {
         for (int64_t k = 0; k < pb.d; ++k) dst[k] = load_as_float(pb.hidden, pb.dtype, row + k);
       }
@@ -164,16 +166,16 @@ struct Portable {
   static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
     pack_weight_f32(pb, v0, vb, vbp, P);
   }
-  static void pack_hidden(const Problem& pb, int64_t r0, int rows, Packed* A) {
-    pack_hidden_f32(pb, r0, rows, MR, A);
+  static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
+    hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
   }
-  static void micro(const Packed* A, const Packed* P, int64_t depth, int vbp, float* L) {
+  static void micro(const Packed* const* A, const Packed* P, int64_t depth, int vbp, float* L) {
     for (int c = 0; c < vbp; c += NR) {
       float acc[MR][NR] = {};
       for (int64_t k = 0; k < depth; ++k) {
         const float* p = P + k * vbp + c;
         for (int r = 0; r < MR; ++r) {
-          const float a = A[r * depth + k];
+          const float a = A[r][k];
           for (int j = 0; j < NR; ++j) acc[r][j] += a * p[j];
         }
       }
@@ -250,10 +252,10 @@ struct Avx2 {
   static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
     pack_weight_f32(pb, v0, vb, vbp, P);
   }
-  static void pack_hidden(const Problem& pb, int64_t r0, int rows, Packed* A) {
-    pack_hidden_f32(pb, r0, rows, MR, A);
+  static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
+    hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
   }
-  ENDOKERN_AVX2 static void micro(const Packed* A, const Packed* P, int64_t depth, int vbp, float* L) {
+  ENDOKERN_AVX2 static void micro(const Packed* const* A, const Packed* P, int64_t depth, int vbp, float* L) {
     for (int c = 0; c < vbp; c += NR) {
       __m256 acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -261,7 +263,7 @@ struct Avx2 {
         const __m256 b0 = _mm256_load_ps(P + k * vbp + c);
         const __m256 b1 = _mm256_load_ps(P + k * vbp + c + 8);
         for (int r = 0; r < MR; ++r) {
-          const __m256 a = _mm256_broadcast_ss(A + r * depth + k);
+          const __m256 a = _mm256_broadcast_ss(A[r] + k);
           acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
           acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
         }
@@ -376,10 +378,10 @@ struct Avx512 {
   static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
     pack_weight_f32(pb, v0, vb, vbp, P);
   }
-  static void pack_hidden(const Problem& pb, int64_t r0, int rows, Packed* A) {
-    pack_hidden_f32(pb, r0, rows, MR, A);
+  static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
+    hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
   }
-  ENDOKERN_AVX512 static void micro(const Packed* A, const Packed* P, int64_t depth, int vbp, float* L) {
+  ENDOKERN_AVX512 static void micro(const Packed* const* A, const Packed* P, int64_t depth, int vbp, float* L) {
     for (int c = 0; c < vbp; c += NR) {
       __m512 acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -387,7 +389,7 @@ struct Avx512 {
         const __m512 b0 = _mm512_load_ps(P + k * vbp + c);
         const __m512 b1 = _mm512_load_ps(P + k * vbp + c + 16);
         for (int r = 0; r < MR; ++r) {
-          const __m512 a = _mm512_set1_ps(A[r * depth + k]);
+          const __m512 a = _mm512_set1_ps(A[r][k]);
           acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
           acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
         }
@@ -427,20 +429,28 @@ struct Avx512Bf16 {
       }
     }
   }
-  static void pack_hidden(const Problem& pb, int64_t r0, int rows, Packed* A) {
+  // Rows are read in place as pairs when D is even; an odd D is copied with a zero pad.
+  static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
     const int64_t pairs = depth(pb.d);
     const uint16_t* h = static_cast<const uint16_t*>(pb.hidden);
     for (int r = 0; r < MR; ++r) {
-      uint16_t* dst = reinterpret_cast<uint16_t*>(A + r * pairs);
+      Packed* buf = A + r * pairs;
+      ptrs[r] = buf;
       if (r < rows) {
-        std::memcpy(dst, h + (r0 + r) * pb.hidden_row_stride, pb.d * sizeof(uint16_t));
-        if (pb.d % 2) dst[pb.d] = 0;
+        const uint16_t* row = h + (r0 + r) * pb.hidden_row_stride;
+        if (pb.d % 2 == 0) {
+          ptrs[r] = reinterpret_cast<const Packed*>(row);
+        } else {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(buf);
+          std::memcpy(dst, row, pb.d * sizeof(uint16_t));
+          dst[pb.d] = 0;
+        }
       } else {
-        std::memset(dst, 0, pairs * 4);
+        std::memset(buf, 0, pairs * 4);
       }
     }
   }
-  ENDOKERN_AVX512BF16 static void micro(const Packed* A, const Packed* P, int64_t depth, int vbp, float* L) {
+  ENDOKERN_AVX512BF16 static void micro(const Packed* const* A, const Packed* P, int64_t depth, int vbp, float* L) {
     for (int c = 0; c < vbp; c += NR) {
       __m512 acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -448,7 +458,7 @@ struct Avx512Bf16 {
         const __m512bh b0 = (__m512bh)_mm512_load_si512(P + k * vbp + c);
         const __m512bh b1 = (__m512bh)_mm512_load_si512(P + k * vbp + c + 16);
         for (int r = 0; r < MR; ++r) {
-          const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[r * depth + k]));
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[r][k]));
           acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
           acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
         }
@@ -511,8 +521,9 @@ void run(const Problem& pb, int threads) {
         }
         for (int64_t r0 = row_begin; r0 < row_end; r0 += MR) {
           const int rows = static_cast<int>(std::min<int64_t>(MR, row_end - r0));
-          Path::pack_hidden(pb, r0, rows, A.data);
-          Path::micro(A.data, P.data, depth, vbp, L.data);
+          const Packed* row_ptrs[MR];
+          Path::hidden_rows(pb, r0, rows, A.data, row_ptrs);
+          Path::micro(row_ptrs, P.data, depth, vbp, L.data);
           for (int r = 0; r < rows; ++r) {
             RowState& st = state[r0 - row_begin + r];
             float* z = L.data + r * vbp;

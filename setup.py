@@ -36,10 +36,17 @@ if SOURCES and os.environ.get("ENDOKERN_NO_CPU_EXT", "0") in ("", "0"):
         class OptionalBuildExt(build_ext):
             """A failed native build warns and leaves the pure-Python package working."""
 
+            def build_extensions(self):
+                self.failed = set()
+                super().build_extensions()
+                # later steps (in-place copy, editable wheels) must not look for what was not built
+                self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
+
             def build_extension(self, ext):
                 try:
                     super().build_extension(ext)
                 except Exception as exc:  # CompileError, LinkError, a missing compiler
+                    self.failed.add(ext.name)
                     print(
                         f"endokern: WARNING: the C++ CPU kernel was not built ({exc}); "
                         "backend='cpu' will be unavailable",

@@ -14,7 +14,6 @@ Under ``TRITON_INTERPRET=1`` the same source runs on CPU tensors; there tiles ar
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -222,9 +221,3 @@ def forward(
     )
     return value, target_logit, entropy if return_entropy else None
 
-
-def describe(n: int, v: int, d: int, dtype: torch.dtype, device) -> str:
-    """The launch that ``forward`` makes for this shape, for benchmarks and notes."""
-    cfg = kernel_config(torch.device(device), dtype, d)
-    splits = math.ceil(v / (cfg.split_tiles * cfg.block_n))
-    return f"{cfg} grid=({math.ceil(n / cfg.block_m)}, {splits})"

@@ -4,4 +4,13 @@ from .ops import BACKENDS, SoftValues, available_backends, soft_values
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "SoftValues", "available_backends", "soft_values", "__version__"]
+__all__ = ["BACKENDS", "EndoRM", "ScoreResult", "SoftValues", "available_backends", "soft_values", "__version__"]
+
+
+def __getattr__(name):
+    # The model wrapper imports transformers; the kernels alone do not need it.
+    if name in ("EndoRM", "ScoreResult"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'endokern' has no attribute {name!r}")

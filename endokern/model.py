@@ -1,0 +1,410 @@
+"""EndoRM: any Hugging Face causal LM as a reward model (SPEC section 3).
+
+The data flows one way: examples -> token ids (:mod:`endokern.tokenization`) -> batches sorted by length
+and filled to a token budget -> the backbone's final hidden states -> only the response rows of SPEC
+section 1 (``H + 1`` per example) -> one :func:`endokern.soft_values` call per batch (the LM head is never
+applied to prompt rows, and no ``N x V`` logits exist) -> :func:`endokern.reward.sequence_rewards` ->
+results in input order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from .ops import soft_values
+from .reward import REDUCTIONS, TERMINALS, response_rows, sequence_rewards
+from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
+
+DEFAULT_BATCH_TOKENS = 8192
+
+
+@dataclass
+class ScoreResult:
+    """One example's result. ``reward`` follows ``reduce``; the token lists are filled when asked."""
+
+    reward: float
+    reward_mean: float
+    reward_sum: float
+    logprob: float
+    num_tokens: int
+    token_rewards: Optional[List[float]] = None
+    token_logprobs: Optional[List[float]] = None
+    token_values: Optional[List[float]] = None
+    token_entropies: Optional[List[float]] = None
+
+    def to_dict(self, per_token: bool = True) -> Dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if not per_token:
+            for key in ("token_rewards", "token_logprobs", "token_values", "token_entropies"):
+                out.pop(key, None)
+        return out
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The LM head as ``soft_values`` sees it: ``z = softcap(scale * (W h + b))``."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def from_model(cls, model) -> "LMHead":
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        scale = 1.0
+        if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+            scale *= float(config.logit_scale)
+        if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+            scale /= float(config.logits_scaling)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and 3
+        return cls(head.weight, getattr(head, "bias", None), scale, float(softcap) if softcap else None)
+
+
+@dataclass
+class _Batch:
+    order: List[int]  # positions in the caller's list
+    input_ids: torch.Tensor  # [B, L] padded, or [1, S] packed
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor  # [B + 1] slot starts in the flattened hidden states
+    seq_lens: torch.Tensor  # [B]
+    prompt_lens: torch.Tensor  # [B]
+    num_tokens: int = field(default=0)
+
+
+class EndoRM:
+    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        terminal: str = "zero",
+        reduce: str = "sum",
+        backend: str = "auto",
+        packing: Union[str, bool] = "auto",
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        verify_head: bool = True,
+    ):
+        if not alpha > 0 or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+        if not math.isfinite(gamma):
+            raise ValueError(f"gamma must be finite, got {gamma}")
+        if terminal not in TERMINALS:
+            raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        if packing not in ("auto", True, False):
+            raise ValueError(f"packing must be 'auto', True or False, got {packing!r}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.backbone = model.base_model
+        self.head = LMHead.from_model(model)
+        self.alpha, self.gamma, self.terminal, self.reduce = float(alpha), float(gamma), terminal, reduce
+        self.backend = backend
+        self.batch_tokens = int(batch_tokens)
+        attn = getattr(model.config, "_attn_implementation", None) or ""
+        # Padding-free packing pays only where attention runs varlen (flash-attn); elsewhere transformers
+        # would build a dense block-diagonal mask over the whole pack, so padded batches are faster there.
+        self.packing = attn.startswith("flash") if packing == "auto" else bool(packing)
+        self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if verify_head:
+            self._verify_head()
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        terminal: str = "zero",
+        reduce: str = "sum",
+        backend: str = "auto",
+        packing: Union[str, bool] = "auto",
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        cache_dir: Optional[str] = None,
+        **hf_kwargs,
+    ) -> "EndoRM":
+        """Load a causal LM (a local folder, a hub id, a ``.gguf`` file, or a name of :mod:`endokern.assets`).
+
+        ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. A ``.gguf`` file is dequantized once and
+        cached as safetensors (``cache_dir``, default ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .assets import resolve_model
+
+        path = resolve_model(name_or_path, cache_dir=cache_dir)
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if "attn_implementation" not in hf_kwargs and device.type == "cuda" and dtype != torch.float32:
+            from transformers.utils import is_flash_attn_2_available
+
+            if is_flash_attn_2_available():
+                hf_kwargs["attn_implementation"] = "flash_attention_2"
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
+        return cls(
+            model, tokenizer, alpha=alpha, gamma=gamma, terminal=terminal, reduce=reduce, backend=backend,
+            packing=packing, batch_tokens=batch_tokens,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def _verify_head(self) -> None:
+        """Check on a short probe that the backbone's hidden states and :class:`LMHead` give the model's logits.
+
+        A model with a logit transform this wrapper does not know would otherwise score silently wrong.
+        """
+        vocab = self.head.weight.shape[0]
+        probe = torch.arange(1, 9, device=self.device).remainder(vocab).unsqueeze(0)
+        with torch.inference_mode():
+            expected = self.model(input_ids=probe, use_cache=False).logits[0].float()
+            hidden = self.backbone(input_ids=probe, use_cache=False).last_hidden_state[0].float()
+            ours = torch.nn.functional.linear(hidden * self.head.scale, self.head.weight.float(),
+                                              None if self.head.bias is None else self.head.bias.float() * self.head.scale)
+            if self.head.softcap is not None:
+                ours = self.head.softcap * torch.tanh(ours / self.head.softcap)
+        tolerance = (1e-4 if self.head.weight.dtype == torch.float32 else 5e-2) * max(1.0, float(expected.abs().max()))
+        error = float((ours - expected).abs().max())
+        if not error <= tolerance:
+            raise ValueError(
+                f"{type(self.model).__name__}: the LM head applied to the backbone's hidden states differs from the "
+                f"model's logits by {error:.3g} (> {tolerance:.3g}); it applies a logit transform endokern does not "
+                "know, so its rewards would be wrong"
+            )
+
+    # ----------------------------------------------------------------------------------------- scoring
+    def encoder(self, template: str = "auto", *, system: Optional[str] = None, append_eos: bool = False) -> Encoder:
+        if self.tokenizer is None:
+            raise ValueError("this EndoRM has no tokenizer; score token ids with score_ids")
+        generation_config = getattr(self.model, "generation_config", None)
+        return Encoder(
+            self.tokenizer, template, system=system, append_eos=append_eos,
+            end_of_turn=end_of_turn_ids(self.tokenizer, generation_config),
+        )
+
+    def score(
+        self,
+        prompts: Optional[Sequence[str]] = None,
+        responses: Optional[Sequence[str]] = None,
+        *,
+        messages: Optional[Sequence[Sequence[Dict[str, Any]]]] = None,
+        template: str = "auto",
+        system: Optional[str] = None,
+        append_eos: bool = False,
+        per_token: bool = False,
+        entropy: bool = False,
+        progress: bool = False,
+    ) -> List[ScoreResult]:
+        """Score texts: ``prompts`` with ``responses`` (equal lengths), or ``messages`` conversations whose last
+        turn is the assistant's response. Tokenized as SPEC section 3 says (``template``: auto, plain, chat)."""
+        if messages is not None:
+            if prompts is not None or responses is not None:
+                raise ValueError("give either messages or prompts and responses, not both")
+            examples = [TextExample(messages=m) for m in messages]
+        else:
+            if prompts is None or responses is None:
+                raise ValueError("give prompts and responses (or messages)")
+            if isinstance(prompts, str) or isinstance(responses, str):
+                raise TypeError("prompts and responses must be lists of strings")
+            if len(prompts) != len(responses):
+                raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+            examples = [TextExample(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        encoded = self.encoder(template, system=system, append_eos=append_eos).encode(examples)
+        for i, item in enumerate(encoded):
+            if isinstance(item, EncodeError):
+                raise EncodeError(f"example {i}: {item}")
+        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress)
+
+    def score_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        per_token: bool = False,
+        entropy: bool = False,
+        progress: bool = False,
+    ) -> List[ScoreResult]:
+        """Score lists of token ids (each prompt ``p >= 1`` tokens, each response ``H >= 1``)."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        vocab = self.head.weight.shape[0]
+        encoded = []
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+            p, r = [int(t) for t in p], [int(t) for t in r]
+            if not p or not r:
+                raise ValueError(f"example {i}: the {'prompt' if not p else 'response'} has no tokens")
+            if min(p + r) < 0 or max(p + r) >= vocab:
+                raise ValueError(f"example {i}: a token id is outside the vocabulary [0, {vocab})")
+            encoded.append(Encoded(p, r))
+        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress)
+
+    def score_encoded(
+        self,
+        encoded: Sequence[Encoded],
+        *,
+        per_token: bool = False,
+        entropy: bool = False,
+        progress: Union[bool, Callable[[int, int], None]] = False,
+    ) -> List[ScoreResult]:
+        """Score encoded examples; results in input order. ``progress``: a tqdm bar, or a callback
+        ``(examples, tokens)`` called after each batch."""
+        if self.max_positions:
+            for i, ex in enumerate(encoded):
+                if ex.length > self.max_positions:
+                    raise ValueError(f"example {i}: {ex.length} tokens, more than the model's {self.max_positions} positions")
+        results: List[Optional[ScoreResult]] = [None] * len(encoded)
+        bar = None
+        if progress is True:
+            bar = progress_bar(len(encoded), "scoring")
+            report = bar.report
+        else:
+            report = progress if callable(progress) else None
+        try:
+            for batch in self._batches(encoded):
+                for slot, result in zip(batch.order, self._score_batch(batch, per_token, entropy)):
+                    results[slot] = result
+                if report is not None:
+                    report(len(batch.order), batch.num_tokens)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+    def _batches(self, encoded: Sequence[Encoded]) -> Iterator[_Batch]:
+        """Longest first, each batch filled to the token budget (padded: B x L; packed: the sum of lengths)."""
+        order = sorted(range(len(encoded)), key=lambda i: (-encoded[i].length, i))
+        start = 0
+        while start < len(order):
+            longest = encoded[order[start]].length
+            end, total = start, 0
+            while end < len(order):
+                length = encoded[order[end]].length
+                cost = total + length if self.packing else (end - start + 1) * longest
+                if end > start and cost > self.batch_tokens:
+                    break
+                total += length
+                end += 1
+            yield self._collate([order[i] for i in range(start, end)], encoded)
+            start = end
+
+    def _collate(self, order: List[int], encoded: Sequence[Encoded]) -> _Batch:
+        seqs = [encoded[i].prompt_ids + encoded[i].response_ids for i in order]
+        lens = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        prompt_lens = torch.tensor([len(encoded[i].prompt_ids) for i in order], dtype=torch.int64)
+        if self.packing:
+            input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).unsqueeze(0)
+            position_ids = torch.cat([torch.arange(n) for n in lens.tolist()]).unsqueeze(0)
+            cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+            torch.cumsum(lens, 0, out=cu_seqlens[1:])
+        else:
+            width = int(lens.max())
+            input_ids = torch.zeros(len(seqs), width, dtype=torch.int64)
+            for b, s in enumerate(seqs):
+                input_ids[b, : len(s)] = torch.tensor(s, dtype=torch.int64)
+            position_ids = torch.arange(width).unsqueeze(0).expand(len(seqs), width)
+            cu_seqlens = torch.arange(len(seqs) + 1, dtype=torch.int64) * width
+        return _Batch(order, input_ids, position_ids, cu_seqlens, lens, prompt_lens, int(lens.sum()))
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: _Batch, per_token: bool, entropy: bool) -> List[ScoreResult]:
+        device = self.device
+        input_ids = batch.input_ids.to(device)
+        # Right padding needs no padding mask: causal attention never lets a real token see the pads after it,
+        # so the mask-free (is_causal) attention path gives every real token the same hidden state.
+        hidden = self.backbone(
+            input_ids=input_ids, position_ids=batch.position_ids.to(device), use_cache=False
+        ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        rows = response_rows(
+            batch.cu_seqlens.to(device), batch.prompt_lens.to(device), input_ids.reshape(-1),
+            seq_lens=batch.seq_lens.to(device),
+        )
+        states = hidden.index_select(0, rows.index)
+        bias = self.head.bias
+        if self.head.scale != 1.0:
+            states = states * self.head.scale
+            bias = None if bias is None else bias * self.head.scale
+        out = soft_values(
+            states, self.head.weight, rows.targets, alpha=self.alpha, bias=bias, softcap=self.head.softcap,
+            return_entropy=entropy, backend=self.backend,
+        )
+        rewards = sequence_rewards(
+            out.value, out.target_logit, rows.cu_rows, alpha=self.alpha, gamma=self.gamma,
+            terminal=self.terminal, reduce=self.reduce, entropy=out.entropy,
+        )
+        return _to_results(rewards, per_token, entropy)
+
+
+def _to_results(rewards, per_token: bool, entropy: bool) -> List[ScoreResult]:
+    cols = {k: getattr(rewards, k).cpu().tolist() for k in ("reward", "reward_mean", "reward_sum", "logprob", "num_tokens")}
+    tokens: Dict[str, List[List[float]]] = {}
+    if per_token or entropy:
+        bounds = rewards.cu_tokens.cpu().tolist()
+        names = ["token_rewards", "token_logprobs", "token_values"] if per_token else []
+        names += ["token_entropies"] if entropy else []
+        for name in names:
+            flat = getattr(rewards, name).cpu().tolist()
+            tokens[name] = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [
+        ScoreResult(
+            reward=cols["reward"][b], reward_mean=cols["reward_mean"][b], reward_sum=cols["reward_sum"][b],
+            logprob=cols["logprob"][b], num_tokens=int(cols["num_tokens"][b]),
+            **{name: values[b] for name, values in tokens.items()},
+        )
+        for b in range(len(cols["reward"]))
+    ]
+
+
+def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+class _Progress:
+    """A tqdm bar over examples that also shows tokens per second."""
+
+    def __init__(self, total: Optional[int], desc: str, disable: Optional[bool] = None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, disable=disable)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def report(self, examples: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+        self.bar.update(examples)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(total: Optional[int], desc: str, disable: Optional[bool] = None) -> _Progress:
+    return _Progress(total, desc, disable)

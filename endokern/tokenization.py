@@ -1,0 +1,210 @@
+"""Text to token ids with the response span, as SPEC section 3 defines it.
+
+``plain``: prompt ids = ``tokenizer(prompt)`` with the tokenizer's own special tokens (a BOS where it adds
+one), response ids = ``tokenizer(response, add_special_tokens=False)``, no EOS unless ``append_eos``.
+
+``chat``: prompt ids = the chat template over the conversation (an optional system message, then the user
+turn, or the ``messages`` before the last assistant turn) with the generation prompt; full ids = the template
+over the conversation plus the assistant turn; response ids = the full ids after the prompt ids (an error if
+the full render does not start with the prompt render), cut after the model's first end-of-turn token.
+
+``auto``: ``chat`` when the tokenizer has a chat template, else ``plain``.
+
+Texts are rendered one by one (the template is Jinja) and tokenized in batches by the fast tokenizer.
+A problem with one example (an empty response, a prompt of zero tokens, a render mismatch) is an
+:class:`EncodeError` in that example's slot, so a large run can report it and go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
+
+TEMPLATES = ("auto", "plain", "chat")
+
+
+class EncodeError(ValueError):
+    """An example that cannot be turned into (prompt ids, response ids)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as token ids: ``p = len(prompt_ids) >= 1`` and ``H = len(response_ids) >= 1``."""
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One example as text: a prompt and a response, or a conversation whose last turn is the response."""
+
+    prompt: Optional[str] = None
+    response: Optional[str] = None
+    messages: Optional[Messages] = None
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_template(tokenizer, template: str) -> str:
+    """``plain`` or ``chat`` for ``template`` in :data:`TEMPLATES`; an error for chat without a template."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if template == "auto":
+        return "chat" if has_chat_template(tokenizer) else "plain"
+    if template == "chat" and not has_chat_template(tokenizer):
+        raise ValueError("template='chat' but the tokenizer has no chat template; use template='plain'")
+    return template
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> List[int]:
+    """The ids that end an assistant turn: the tokenizer's EOS and the generation config's EOS ids."""
+    ids = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+class Encoder:
+    """Turns :class:`TextExample` lists into :class:`Encoded` lists (or :class:`EncodeError` per example)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        template: str = "auto",
+        *,
+        system: Optional[str] = None,
+        append_eos: bool = False,
+        end_of_turn: Optional[Iterable[int]] = None,
+    ):
+        self.tokenizer = tokenizer
+        self.template = resolve_template(tokenizer, template)
+        self.system = system
+        self.append_eos = append_eos
+        if append_eos and tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no EOS token")
+        self.end_of_turn = set(end_of_turn) if end_of_turn is not None else set(end_of_turn_ids(tokenizer))
+
+    def encode(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
+        if self.template == "chat":
+            return self._encode_chat(examples)
+        return self._encode_plain(examples)
+
+    def _encode_plain(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
+        out: List[Union[Encoded, EncodeError, None]] = [None] * len(examples)
+        todo = []
+        for i, ex in enumerate(examples):
+            try:
+                if ex.messages is not None:
+                    raise EncodeError("a 'messages' conversation needs a chat template (template='chat')")
+                _check_text(ex.prompt, "prompt", allow_empty=True)
+                _check_text(ex.response, "response", allow_empty=False)
+                if self.system is not None:
+                    raise EncodeError("a system prompt needs a chat template (template='chat')")
+            except EncodeError as err:
+                out[i] = err
+                continue
+            todo.append(i)
+        prompts = self._tokenize([examples[i].prompt for i in todo], special=True)
+        responses = self._tokenize([examples[i].response for i in todo], special=False)
+        eos = [self.tokenizer.eos_token_id] if self.append_eos else []
+        for i, prompt_ids, response_ids in zip(todo, prompts, responses):
+            out[i] = _checked(prompt_ids, response_ids + eos)
+        return out  # type: ignore[return-value]
+
+    def _encode_chat(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
+        out: List[Union[Encoded, EncodeError, None]] = [None] * len(examples)
+        todo, prompt_texts, full_texts = [], [], []
+        for i, ex in enumerate(examples):
+            try:
+                conversation, response = self._conversation(ex)
+                prompt_texts.append(self._render(conversation, generation_prompt=True))
+                full_texts.append(self._render(list(conversation) + [{"role": "assistant", "content": response}]))
+            except EncodeError as err:
+                out[i] = err
+                continue
+            except Exception as err:  # a template that raises on this conversation (e.g. role order rules)
+                out[i] = EncodeError(f"the chat template cannot render this conversation: {err}")
+                continue
+            todo.append(i)
+        prompts = self._tokenize(prompt_texts, special=False)
+        fulls = self._tokenize(full_texts, special=False)
+        for i, prompt_ids, full_ids in zip(todo, prompts, fulls):
+            if full_ids[: len(prompt_ids)] != prompt_ids:
+                out[i] = EncodeError(
+                    "the chat render of the conversation with the response does not start with the render of the "
+                    "prompt (the template or the tokenizer merges across the boundary); use template='plain'"
+                )
+                continue
+            response_ids = full_ids[len(prompt_ids) :]
+            for j, token in enumerate(response_ids):
+                if token in self.end_of_turn:
+                    response_ids = response_ids[: j + 1]  # drop what the template adds after the turn's end
+                    break
+            out[i] = _checked(prompt_ids, response_ids)
+        return out  # type: ignore[return-value]
+
+    def _conversation(self, ex: TextExample):
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        if ex.messages is not None:
+            if ex.prompt is not None or ex.response is not None:
+                raise EncodeError("give either 'messages' or 'prompt' and 'response', not both")
+            messages = list(ex.messages)
+            if not messages:
+                raise EncodeError("'messages' is empty")
+            for m in messages:
+                if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
+                    raise EncodeError("each message needs a 'role' string and a 'content'")
+            if messages[-1]["role"] != "assistant":
+                raise EncodeError("the last message must be the assistant's (the response to score)")
+            if len(messages) < 2:
+                raise EncodeError("'messages' needs at least one turn before the assistant's response")
+            response = messages[-1]["content"]
+            _check_text(response, "response", allow_empty=False)
+            head = [dict(m) for m in messages[:-1]]
+            if system and head[0]["role"] != "system":
+                head = system + head
+            return head, response
+        _check_text(ex.prompt, "prompt", allow_empty=True)
+        _check_text(ex.response, "response", allow_empty=False)
+        return system + [{"role": "user", "content": ex.prompt}], ex.response
+
+    def _render(self, conversation, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _tokenize(self, texts: List[str], special: bool) -> List[List[int]]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=special, return_attention_mask=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _check_text(value, name: str, allow_empty: bool) -> None:
+    if value is None:
+        raise EncodeError(f"missing {name}")
+    if not isinstance(value, str):
+        raise EncodeError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise EncodeError(f"empty {name}")
+
+
+def _checked(prompt_ids: List[int], response_ids: List[int]) -> Union[Encoded, EncodeError]:
+    if not prompt_ids:
+        return EncodeError("the prompt has no tokens (an empty prompt and a tokenizer that adds no BOS)")
+    if not response_ids:
+        return EncodeError("the response has no tokens")
+    return Encoded(prompt_ids, response_ids)

@@ -60,23 +60,27 @@ def oracle(model, prompt_ids, response_ids, *, alpha=1.0, gamma=1.0, terminal="z
 
 
 def assert_close_to_oracle(results, expected, rtol, reduce="sum"):
-    """Every field of every result within ``rtol`` of the oracle, relative to max(|oracle|, 1)."""
+    """Every field of every result within ``rtol`` of the oracle, relative to max(|oracle|, |V|, 1), where V is
+    the soft value of the state (token fields) or the largest of the example (sums): a token reward is a
+    difference of two soft values, so its rounding is relative to them, not to the difference."""
     worst = 0.0
     for i, (res, ref) in enumerate(zip(results, expected)):
         assert res.num_tokens == ref["num_tokens"], f"example {i}: num_tokens {res.num_tokens} != {ref['num_tokens']}"
-        pairs = [
-            ("reward", res.reward, ref["reward_sum"] if reduce == "sum" else ref["reward_mean"]),
-            ("reward_mean", res.reward_mean, ref["reward_mean"]),
-            ("reward_sum", res.reward_sum, ref["reward_sum"]),
-            ("logprob", res.logprob, ref["logprob"]),
+        values = ref["token_values"]
+        v_max = max(abs(v) for v in values)
+        checks = [
+            ("reward", res.reward, ref["reward_sum"] if reduce == "sum" else ref["reward_mean"], v_max),
+            ("reward_mean", res.reward_mean, ref["reward_mean"], v_max),
+            ("reward_sum", res.reward_sum, ref["reward_sum"], v_max),
+            ("logprob", res.logprob, ref["logprob"], v_max),
         ]
         for name in ("token_rewards", "token_logprobs", "token_values"):
             got = getattr(res, name)
             if got is not None:
                 assert len(got) == len(ref[name]), f"example {i}: {name} has {len(got)} entries"
-                pairs += [(f"{name}[{j}]", a, b) for j, (a, b) in enumerate(zip(got, ref[name]))]
-        for name, got, want in pairs:
-            err = abs(got - want) / max(abs(want), 1.0)
+                checks += [(f"{name}[{j}]", a, b, abs(values[j])) for j, (a, b) in enumerate(zip(got, ref[name]))]
+        for name, got, want, v in checks:
+            err = abs(got - want) / max(abs(want), v, 1.0)
             worst = max(worst, err)
             assert err <= rtol, f"example {i} {name}: {got} vs oracle {want} (relative error {err:.3g} > {rtol})"
     return worst

@@ -1,0 +1,259 @@
+"""The streaming run behind ``endokern score | compare | rank | filter``.
+
+Input rows are read in chunks (memory does not grow with the input), turned into examples by the
+command's :class:`Task`, encoded in one batch per chunk, scored by :class:`endokern.EndoRM`, and the
+chunk's output rows and error rows are committed together by :class:`endokern.io.RunWriter`, whose
+checkpoint makes a killed run resumable: output rows + error rows = input rows, no duplicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import formats
+from .io import InputRow, RunWriter, read_rows
+from .model import EndoRM, ScoreResult, progress_bar
+from .tokenization import Encoded, EncodeError, TextExample
+
+SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
+
+
+class Task:
+    """What a command makes of a row (examples) and of its results (output rows per stream)."""
+
+    name = "score"
+    per_token = False
+
+    def examples(self, row: Dict[str, Any]) -> Tuple[List[TextExample], Any]:
+        return formats.score_examples(row), None
+
+    def outputs(self, row: Dict[str, Any], index: int, state: Any, results: List[ScoreResult]) -> Dict[str, List[dict]]:
+        result = results[0]
+        out = {"id": formats.row_id(row, index)}
+        out.update({k: getattr(result, k) for k in SCORE_FIELDS})
+        if self.per_token:
+            out.update(token_rewards=result.token_rewards, token_logprobs=result.token_logprobs)
+        return {"output": [out]}
+
+
+class ScoreTask(Task):
+    def __init__(self, per_token: bool = False):
+        self.per_token = per_token
+
+
+class CompareTask(Task):
+    name = "compare"
+
+    def __init__(self, template: str):
+        self.template = template
+
+    def examples(self, row):
+        pref = formats.preference_examples(row, self.template)
+        return pref.examples, pref
+
+    def outputs(self, row, index, state, results):
+        return {"output": [formats.preference_output(row, index, state, [r.reward for r in results])]}
+
+
+class RankTask(Task):
+    name = "rank"
+
+    def examples(self, row):
+        return formats.rank_examples(row), None
+
+    def outputs(self, row, index, state, results):
+        return {"output": [formats.rank_output(row, index, [r.reward for r in results])]}
+
+
+class FilterTask(Task):
+    """Keeps a row when its reward is at least ``min_reward``; the rest go to ``rejected`` with the reason.
+    With ``keep_scored`` every scored row goes to ``output`` (a later pass picks the top fraction)."""
+
+    name = "filter"
+
+    def __init__(self, min_reward: Optional[float], keep_scored: bool = False):
+        self.min_reward = min_reward
+        self.keep_scored = keep_scored
+
+    def outputs(self, row, index, state, results):
+        result = results[0]
+        out = dict(row)
+        out["id"] = formats.row_id(row, index)
+        out.update({k: getattr(result, k) for k in SCORE_FIELDS})
+        if self.keep_scored or self.min_reward is None or result.reward >= self.min_reward:
+            return {"output": [out]}
+        out["reason"] = f"reward {result.reward:.6g} < min-reward {self.min_reward:g}"
+        return {"rejected": [out]}
+
+
+@dataclass
+class RunStats:
+    rows: int = 0
+    errors: int = 0
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {
+            "rows": self.rows, "errors": self.errors, "examples": self.examples, "tokens": self.tokens,
+            "seconds": round(self.seconds, 3), "resumed_from_row": self.resumed_from,
+        }
+        if self.seconds > 0:
+            out["rows_per_s"] = round(self.rows / self.seconds, 3)
+            out["examples_per_s"] = round(self.examples / self.seconds, 3)
+            out["tokens_per_s"] = round(self.tokens / self.seconds, 1)
+        return out
+
+
+def iter_inputs(paths: Sequence[str], num_shards: int, shard_index: int, start: int) -> Iterator[Tuple[InputRow, Optional[str]]]:
+    """Rows of one or more inputs, numbered across them; row i belongs to shard i % num_shards; the first
+    ``start`` rows of the shard are skipped. With several inputs a row without ``subset`` gets its file's name."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {num_shards}, {shard_index}")
+    offset, seen = 0, 0
+    for path in paths:
+        subset = _stem(path) if len(paths) > 1 else None
+        last = -1
+        for item in read_rows(path):
+            last = item.index
+            index = offset + item.index
+            if index % num_shards != shard_index:
+                continue
+            seen += 1
+            if seen <= start:
+                continue
+            yield InputRow(index, item.row, item.error), subset
+        offset += last + 1
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def run(
+    rm: EndoRM,
+    task: Task,
+    inputs: Sequence[str],
+    writer: RunWriter,
+    *,
+    template: str = "auto",
+    system: Optional[str] = None,
+    append_eos: bool = False,
+    max_length: Optional[int] = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    limit: Optional[int] = None,
+    chunk_rows: int = 512,
+    progress: bool = True,
+) -> RunStats:
+    """Stream ``inputs`` through ``task`` into ``writer``, resuming after the rows it has committed."""
+    encoder = rm.encoder(template, system=system, append_eos=append_eos)
+    stats = RunStats(resumed_from=writer.rows_done)
+    if writer.complete:
+        return stats
+    rows = iter_inputs(inputs, num_shards, shard_index, writer.rows_done)
+    if limit is not None:
+        rows = itertools.islice(rows, max(0, limit - writer.rows_done))
+    total = None if limit is None else max(0, limit - writer.rows_done)
+    bar = progress_bar(total, task.name, disable=not progress)
+    bar.bar.unit = "row"
+    started = time.perf_counter()
+    try:
+        while True:
+            chunk = list(itertools.islice(rows, chunk_rows))
+            if not chunk:
+                break
+            streams = _run_chunk(rm, task, encoder, chunk, max_length, bar, stats)
+            writer.commit(streams, rows_consumed=len(chunk))
+            stats.rows += len(chunk)
+            stats.errors += len(streams.get("errors", []))
+            bar.bar.n = stats.rows  # the chunk is committed: the bar shows whole rows again
+            bar.bar.refresh()
+        writer.finish()
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, List[dict]]:
+    errors: List[dict] = []
+    accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
+    examples: List[TextExample] = []
+    for item, subset in chunk:
+        if item.error is not None:
+            errors.append(_error(item.index, None, item.error))
+            continue
+        row = formats.optional_subset(item.row, subset)
+        try:
+            row_examples, state = task.examples(row)
+        except formats.RowError as err:
+            errors.append(_error(item.index, row, str(err)))
+            continue
+        accepted.append((item, row, state, len(examples), len(row_examples)))
+        examples.extend(row_examples)
+    encoded = encoder.encode(examples) if examples else []
+    scorable: List[Tuple[InputRow, Dict[str, Any], Any, List[int]]] = []
+    to_score: List[Encoded] = []
+    for item, row, state, first, count in accepted:
+        mine = encoded[first : first + count]
+        problem = next((e for e in mine if isinstance(e, EncodeError)), None)
+        if problem is None and max_length is not None:
+            longest = max(e.length for e in mine)
+            if longest > max_length:
+                problem = f"{longest} tokens, more than --max-length {max_length}"
+        if problem is None and rm.max_positions and max(e.length for e in mine) > rm.max_positions:
+            problem = f"{max(e.length for e in mine)} tokens, more than the model's {rm.max_positions} positions"
+        if problem is not None:
+            errors.append(_error(item.index, row, str(problem)))
+            continue
+        scorable.append((item, row, state, list(range(len(to_score), len(to_score) + count))))
+        to_score.extend(mine)
+    rows_per_example = (len(chunk) - len(errors)) / max(len(to_score), 1)
+
+    def report(n_examples: int, n_tokens: int) -> None:
+        stats.examples += n_examples
+        stats.tokens += n_tokens
+        bar.report(0, n_tokens)
+        bar.bar.update(n_examples * rows_per_example)
+
+    results = rm.score_encoded(to_score, per_token=task.per_token, progress=report) if to_score else []
+    streams: Dict[str, List[dict]] = {"errors": errors}
+    for item, row, state, slots in scorable:
+        for name, rows_out in task.outputs(row, item.index, state, [results[s] for s in slots]).items():
+            streams.setdefault(name, []).extend(rows_out)
+    # Errors and outputs are both in input order within their own streams.
+    return streams
+
+
+def _error(index: int, row: Optional[Dict[str, Any]], reason: str) -> dict:
+    out: Dict[str, Any] = {"row": index}
+    if row is not None and row.get("id") is not None:
+        out["id"] = row["id"]
+    out["reason"] = reason
+    return out
+
+
+def quantile_threshold(rewards: Sequence[float], top_fraction: float) -> float:
+    """The smallest reward among the top ``top_fraction`` of rows (at least one row kept when any exist)."""
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top-fraction must be in (0, 1], got {top_fraction}")
+    ordered = sorted(rewards, reverse=True)
+    keep = max(1, int(round(top_fraction * len(ordered))))
+    return ordered[keep - 1]
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False)

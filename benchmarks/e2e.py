@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
         "tokens": tokens, "batch_tokens": rm.batch_tokens, "rows": rows, "speedup": speedup,
         "memory_ratio": memory_ratio, "logprob_max_rel_diff": worst,
     }
-    out = Path(args.out) if args.out else HERE / "results" / (
-        f"{device_name(device).lower().replace(' ', '-')}-e2e-{label.replace('/', '_')}.json")
+    slug = re.sub(r"[^a-z0-9.]+", "-", f"{device_name(device)}-e2e-{label}".lower()).strip("-")
+    out = Path(args.out) if args.out else HERE / "results" / f"{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from .ops import soft_values
-from .reward import REDUCTIONS, TERMINALS, response_rows, sequence_rewards
+from .reward import REDUCTIONS, TERMINALS, ResponseRows, sequence_rewards
 from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
 
 # Tokens per forward batch (padding included). On CPU, batches past about a thousand tokens run slower per
@@ -73,14 +73,25 @@ class LMHead:
 
 
 @dataclass
+class _Unit:
+    """One line of a forward batch: a prompt once, then the responses that share it, each seeing only the
+    prompt and itself (a tree attention mask); a unit of one response is an ordinary sequence."""
+
+    prompt_ids: List[int]
+    members: List[int]  # positions in the caller's list
+    length: int  # tokens on the line: p + sum of the members' H
+
+
+@dataclass
 class _Batch:
-    order: List[int]  # positions in the caller's list
-    input_ids: torch.Tensor  # [B, L] padded, or [1, S] packed
+    order: List[int]  # positions in the caller's list, in the order of cu_rows
+    input_ids: torch.Tensor  # [B, L] padded lines, or [1, S] packed
     position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor  # [B + 1] slot starts in the flattened hidden states
-    seq_lens: torch.Tensor  # [B]
-    prompt_lens: torch.Tensor  # [B]
-    num_tokens: int = field(default=0)
+    attention_mask: Optional[torch.Tensor]  # [B, 1, L, L] tree mask when a line shares a prompt, else None
+    row_index: torch.Tensor  # [R] rows of the flattened hidden states: H + 1 per example (SPEC section 1)
+    row_targets: torch.Tensor  # [R] next token, or -100 on each example's last row
+    cu_rows: torch.Tensor  # [B' + 1] where each example's rows begin
+    num_tokens: int  # tokens scored, counting a shared prompt once per example
 
 
 class EndoRM:
@@ -98,6 +109,7 @@ class EndoRM:
         backend: str = "auto",
         packing: Union[str, bool] = "auto",
         batch_tokens: Optional[int] = None,
+        share_prompts: Union[str, bool] = "auto",
         verify_head: bool = True,
     ):
         if not alpha > 0 or not math.isfinite(alpha):
@@ -120,10 +132,19 @@ class EndoRM:
         self.backend = backend
         device_type = self.head.weight.device.type
         self.batch_tokens = int(batch_tokens or DEFAULT_BATCH_TOKENS.get(device_type, DEFAULT_BATCH_TOKENS["cuda"]))
-        attn = getattr(model.config, "_attn_implementation", None) or ""
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None) or ""
         # Padding-free packing pays only where attention runs varlen (flash-attn); elsewhere transformers
         # would build a dense block-diagonal mask over the whole pack, so padded batches are faster there.
-        self.packing = attn.startswith("flash") if packing == "auto" else bool(packing)
+        self.packing = self.attn_implementation.startswith("flash") if packing == "auto" else bool(packing)
+        # Responses to one prompt share its forward pass through a tree mask (sdpa and eager attention take
+        # a custom 4D mask; flash-attn's varlen path does not).
+        if share_prompts not in ("auto", True, False):
+            raise ValueError(f"share_prompts must be 'auto', True or False, got {share_prompts!r}")
+        can_share = not self.packing and self.attn_implementation in ("sdpa", "eager")
+        if share_prompts is True and not can_share:
+            raise ValueError(f"share_prompts needs padded batches with sdpa or eager attention, not "
+                             f"{self.attn_implementation!r}{' with packing' if self.packing else ''}")
+        self.share_prompts = can_share if share_prompts == "auto" else bool(share_prompts)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if verify_head:
             self._verify_head()
@@ -143,6 +164,7 @@ class EndoRM:
         backend: str = "auto",
         packing: Union[str, bool] = "auto",
         batch_tokens: Optional[int] = None,
+        share_prompts: Union[str, bool] = "auto",
         cache_dir: Optional[str] = None,
         **hf_kwargs,
     ) -> "EndoRM":
@@ -167,7 +189,7 @@ class EndoRM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
         return cls(
             model, tokenizer, alpha=alpha, gamma=gamma, terminal=terminal, reduce=reduce, backend=backend,
-            packing=packing, batch_tokens=batch_tokens,
+            packing=packing, batch_tokens=batch_tokens, share_prompts=share_prompts,
         )
 
     @property
@@ -295,55 +317,106 @@ class EndoRM:
                 bar.close()
         return results  # type: ignore[return-value]
 
+    def _units(self, encoded: Sequence[Encoded]) -> List[_Unit]:
+        """Examples with the same prompt ids share one line (split so a line stays within the token budget)."""
+        if not self.share_prompts:
+            return [_Unit(e.prompt_ids, [i], e.length) for i, e in enumerate(encoded)]
+        groups: Dict[tuple, List[int]] = {}
+        for i, e in enumerate(encoded):
+            groups.setdefault(tuple(e.prompt_ids), []).append(i)
+        units = []
+        for members in groups.values():
+            prompt = encoded[members[0]].prompt_ids
+            cap = max(self.batch_tokens, len(prompt) + max(len(encoded[i].response_ids) for i in members))
+            unit = _Unit(prompt, [], len(prompt))
+            for i in members:
+                size = len(encoded[i].response_ids)
+                if unit.members and unit.length + size > cap:
+                    units.append(unit)
+                    unit = _Unit(prompt, [], len(prompt))
+                unit.members.append(i)
+                unit.length += size
+            units.append(unit)
+        return units
+
     def _batches(self, encoded: Sequence[Encoded]) -> Iterator[_Batch]:
-        """Longest first, each batch filled to the token budget (padded: B x L; packed: the sum of lengths)."""
-        order = sorted(range(len(encoded)), key=lambda i: (-encoded[i].length, i))
+        """Longest line first, each batch filled to the token budget (padded: B x L; packed: the sum of lengths)."""
+        units = self._units(encoded)
+        units.sort(key=lambda u: (-u.length, u.members[0]))
         start = 0
-        while start < len(order):
-            longest = encoded[order[start]].length
+        while start < len(units):
             end, total = start, 0
-            while end < len(order):
-                length = encoded[order[end]].length
-                cost = total + length if self.packing else (end - start + 1) * longest
+            while end < len(units):
+                cost = total + units[end].length if self.packing else (end - start + 1) * units[start].length
                 if end > start and cost > self.batch_tokens:
                     break
-                total += length
+                total += units[end].length
                 end += 1
-            yield self._collate([order[i] for i in range(start, end)], encoded)
+            yield self._collate(units[start:end], encoded)
             start = end
 
-    def _collate(self, order: List[int], encoded: Sequence[Encoded]) -> _Batch:
-        seqs = [encoded[i].prompt_ids + encoded[i].response_ids for i in order]
-        lens = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-        prompt_lens = torch.tensor([len(encoded[i].prompt_ids) for i in order], dtype=torch.int64)
-        if self.packing:
-            input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).unsqueeze(0)
-            position_ids = torch.cat([torch.arange(n) for n in lens.tolist()]).unsqueeze(0)
-            cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-            torch.cumsum(lens, 0, out=cu_seqlens[1:])
-        else:
-            width = int(lens.max())
-            input_ids = torch.zeros(len(seqs), width, dtype=torch.int64)
-            for b, s in enumerate(seqs):
-                input_ids[b, : len(s)] = torch.tensor(s, dtype=torch.int64)
-            position_ids = torch.arange(width).unsqueeze(0).expand(len(seqs), width)
-            cu_seqlens = torch.arange(len(seqs) + 1, dtype=torch.int64) * width
-        return _Batch(order, input_ids, position_ids, cu_seqlens, lens, prompt_lens, int(lens.sum()))
+    def _collate(self, units: List[_Unit], encoded: Sequence[Encoded]) -> _Batch:
+        """Lay the lines out (padded rows of width L, or one packed row) and find the rows of SPEC section 1:
+        for each example the prompt's last position, then its response positions (the last has no target)."""
+        width = sum(u.length for u in units) if self.packing else max(u.length for u in units)
+        lines = 1 if self.packing else len(units)
+        input_ids = torch.zeros(lines, width, dtype=torch.int64)
+        position_ids = torch.zeros(lines, width, dtype=torch.int64)
+        segment = torch.full((lines, width), -1, dtype=torch.int64)  # 0: prompt, k: k-th response, -1: padding
+        order, row_index, row_targets, cu_rows, num_tokens = [], [], [], [0], 0
+        base = 0
+        for line, unit in enumerate(units):
+            b = 0 if self.packing else line
+            col = base if self.packing else 0
+            p = len(unit.prompt_ids)
+            input_ids[b, col : col + p] = torch.tensor(unit.prompt_ids)
+            position_ids[b, col : col + p] = torch.arange(p)
+            segment[b, col : col + p] = 0
+            last_prompt_row = b * width + col + p - 1
+            col += p
+            for k, i in enumerate(unit.members, start=1):
+                response = encoded[i].response_ids
+                h = len(response)
+                input_ids[b, col : col + h] = torch.tensor(response)
+                position_ids[b, col : col + h] = torch.arange(p, p + h)
+                segment[b, col : col + h] = k
+                row_index += [last_prompt_row] + list(range(b * width + col, b * width + col + h))
+                row_targets += list(response) + [-100]
+                cu_rows.append(cu_rows[-1] + h + 1)
+                order.append(i)
+                num_tokens += p + h
+                col += h
+            base += unit.length
+        mask = None
+        if any(len(u.members) > 1 for u in units):
+            q = torch.arange(width)
+            causal = q.view(1, -1) <= q.view(-1, 1)  # [query, key]
+            seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
+            same_branch = (seg_k == 0) | (seg_k == seg_q)
+            mask = ((causal & same_branch) | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
+        return _Batch(
+            order, input_ids, position_ids, mask, torch.tensor(row_index), torch.tensor(row_targets),
+            torch.tensor(cu_rows), num_tokens,
+        )
 
     @torch.inference_mode()
     def _score_batch(self, batch: _Batch, per_token: bool, entropy: bool) -> List[ScoreResult]:
         device = self.device
-        input_ids = batch.input_ids.to(device)
-        # Right padding needs no padding mask: causal attention never lets a real token see the pads after it,
-        # so the mask-free (is_causal) attention path gives every real token the same hidden state.
+        mask = batch.attention_mask
+        if mask is not None:
+            mask = mask.to(device)
+            if self.attn_implementation == "eager":  # eager attention adds the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=self.head.weight.dtype, device=device).masked_fill(
+                    ~mask, torch.finfo(self.head.weight.dtype).min
+                )
+        # Lines are right-padded: causal attention never lets a real token see the pads after it, so without a
+        # tree mask no padding mask is needed and the mask-free (is_causal) attention path runs.
         hidden = self.backbone(
-            input_ids=input_ids, position_ids=batch.position_ids.to(device), use_cache=False
+            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=mask,
+            use_cache=False,
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        rows = response_rows(
-            batch.cu_seqlens.to(device), batch.prompt_lens.to(device), input_ids.reshape(-1),
-            seq_lens=batch.seq_lens.to(device),
-        )
+        rows = ResponseRows(batch.row_index.to(device), batch.row_targets.to(device), batch.cu_rows.to(device))
         states = hidden.index_select(0, rows.index)
         bias = self.head.bias
         if self.head.scale != 1.0:

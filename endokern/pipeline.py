@@ -223,11 +223,17 @@ def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, Li
         to_score.extend(mine)
     rows_per_example = (len(chunk) - len(errors)) / max(len(to_score), 1)
 
+    pending = [0.0]  # rows' worth of scored examples not yet shown (the bar shows whole rows)
+
     def report(n_examples: int, n_tokens: int) -> None:
         stats.examples += n_examples
         stats.tokens += n_tokens
         bar.report(0, n_tokens)
-        bar.bar.update(n_examples * rows_per_example)
+        pending[0] += n_examples * rows_per_example
+        whole = min(int(pending[0]), len(chunk) - 1)
+        if whole > 0:
+            bar.bar.update(whole)
+            pending[0] -= whole
 
     results = rm.score_encoded(to_score, per_token=task.per_token, progress=report) if to_score else []
     streams: Dict[str, List[dict]] = {"errors": errors}

@@ -52,32 +52,19 @@ class Rewards(NamedTuple):
 
 
 def response_rows(
-    cu_seqlens: torch.Tensor,
-    prompt_lens: torch.Tensor,
-    input_ids: torch.Tensor,
-    ignore_index: int = -100,
-    *,
-    seq_lens: Optional[torch.Tensor] = None,
+    cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100
 ) -> ResponseRows:
-    """The rows of section 1 in packed (or padded) sequences, and their targets.
+    """The rows of section 1 in packed sequences, and their targets.
 
     Args:
         cu_seqlens: ``[B + 1]`` token offsets of the packed sequences (sequence b is tokens
             ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1``).
         prompt_lens: ``[B]`` prompt lengths ``p``.
         input_ids: ``[total]`` the packed token ids.
-        seq_lens: ``[B]`` sequence lengths ``T`` when the sequences do not fill their slots (a padded batch
-            flattened to ``[B * L]`` has ``cu_seqlens = [0, L, 2L, ...]`` and the padding after ``T``).
     """
     cu_seqlens = cu_seqlens.to(torch.int64)
     prompt_lens = prompt_lens.to(torch.int64, copy=False).to(cu_seqlens.device)
-    slot_lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    if seq_lens is None:
-        seq_lens = slot_lens
-    else:
-        seq_lens = seq_lens.to(torch.int64, copy=False).to(cu_seqlens.device)
-        if seq_lens.shape != slot_lens.shape or bool((seq_lens > slot_lens).any()):
-            raise ValueError("seq_lens must be [B] and no longer than the slots cu_seqlens gives")
+    seq_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     if cu_seqlens.dim() != 1 or prompt_lens.shape != seq_lens.shape:
         raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} and prompt_lens {tuple(prompt_lens.shape)} disagree")
     if bool((prompt_lens < 1).any()):

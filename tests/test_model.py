@@ -218,3 +218,36 @@ def test_bad_ids_are_refused():
         rm.score_ids([[5] * 400], [[6] * 200])
     with pytest.raises(ValueError, match="2 prompts but 1"):
         rm.score_ids([[5], [6]], [[7]])
+
+
+def _shared_prompt_examples(gen, vocab, prompts=4, responses=3):
+    base_prompts, base_responses = random_examples(gen, vocab, prompts * responses)
+    return [base_prompts[i // responses] for i in range(prompts * responses)], base_responses
+
+
+@pytest.mark.parametrize("name", ["stories260K-sdpa", "gemma2-eager"])
+def test_responses_sharing_a_prompt_share_its_forward_and_match_oracle(gen, name):
+    if name.startswith("gemma2"):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        model = _other_architectures()["gemma2-softcap"]()
+    else:
+        model, _ = fixture_model()
+    shared = EndoRM(model, batch_tokens=200)
+    assert shared.share_prompts and shared.attn_implementation == name.split("-")[1]
+    prompts, responses = _shared_prompt_examples(gen, model.config.vocab_size)
+    batches = list(shared._batches([model_module.Encoded(p, r) for p, r in zip(prompts, responses)]))
+    assert any(b.attention_mask is not None for b in batches)  # some line holds several responses
+    lines = sum(b.input_ids.shape[0] for b in batches)
+    assert lines < len(prompts)
+    results = shared.score_ids(prompts, responses, per_token=True)
+    assert_close_to_oracle(results, oracle(model, prompts, responses), rtol=1e-5)
+    apart = EndoRM(model, batch_tokens=200, share_prompts=False).score_ids(prompts, responses)
+    for a, b in zip(results, apart):
+        assert a.reward == pytest.approx(b.reward, rel=1e-5, abs=1e-5)
+
+
+def test_prompt_sharing_is_refused_where_attention_cannot_take_a_tree_mask():
+    model, tokenizer = fixture_model()
+    with pytest.raises(ValueError, match="share_prompts"):
+        EndoRM(model, tokenizer, packing=True, share_prompts=True)
+    assert not EndoRM(model, tokenizer, packing=True).share_prompts

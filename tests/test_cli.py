@@ -78,19 +78,20 @@ def test_score_fields_ids_and_values(tmp_path, rng):
 
 
 def test_malformed_rows_go_to_the_errors_file_and_the_run_goes_on(tmp_path, rng):
-    good = [{"prompt": sentence(rng), "response": " " + sentence(rng)} for _ in range(6)]
+    # a good row never reaches --max-length 60: at most 6 + 6 words of at most 4 tokens, plus a BOS
+    good = [{"prompt": sentence(rng, 2, 6), "response": " " + sentence(rng, 2, 6)} for _ in range(6)]
     rows = good[:2] + [{"prompt": "x"}, {"prompt": "x", "response": ""}, {"id": "long", "prompt": "the " * 80,
                                                                          "response": " cat"}] + good[2:]
     src = write_jsonl(tmp_path / "in.jsonl", rows, raw_lines=["{not json", "[1, 2]", json.dumps(good[0])])
     out = tmp_path / "out.jsonl"
-    run_cli("score", "--input", src, "--output", out, "--max-length", "40", "--chunk-rows", "4")
+    run_cli("score", "--input", src, "--output", out, "--max-length", "60", "--chunk-rows", "4")
     scored, errors = read_jsonl(out), read_jsonl(tmp_path / "out.errors.jsonl")
     assert len(scored) + len(errors) == len(rows) + 3
     reasons = {e["row"]: e["reason"] for e in errors}
     assert set(reasons) == {2, 3, 4, 9, 10}
     assert "missing field 'response'" in reasons[2]
     assert "empty" in reasons[3]
-    assert "more than --max-length 40" in reasons[4] and errors[2]["id"] == "long"
+    assert "more than --max-length 60" in reasons[4] and errors[2]["id"] == "long"
     assert "bad JSON" in reasons[9]
     assert "not a JSON object" in reasons[10]
     assert [r["id"] for r in scored] == [0, 1, 5, 6, 7, 8, 11]

@@ -39,11 +39,12 @@ class ScoreResult:
     token_logprobs: Optional[List[float]] = None
     token_values: Optional[List[float]] = None
     token_entropies: Optional[List[float]] = None
+    final_value: Optional[float] = None  # V(s_{H+1}), the value after the last response token (with per_token)
 
     def to_dict(self, per_token: bool = True) -> Dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None}
         if not per_token:
-            for key in ("token_rewards", "token_logprobs", "token_values", "token_entropies"):
+            for key in ("token_rewards", "token_logprobs", "token_values", "token_entropies", "final_value"):
                 out.pop(key, None)
         return out
 
@@ -443,6 +444,8 @@ def _to_results(rewards, per_token: bool, entropy: bool) -> List[ScoreResult]:
         for name in names:
             flat = getattr(rewards, name).cpu().tolist()
             tokens[name] = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if per_token:
+            tokens["final_value"] = rewards.final_value.cpu().tolist()
     return [
         ScoreResult(
             reward=cols["reward"][b], reward_mean=cols["reward_mean"][b], reward_sum=cols["reward_sum"][b],

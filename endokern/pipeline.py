@@ -32,6 +32,10 @@ class Task:
     def examples(self, row: Dict[str, Any]) -> Tuple[List[TextExample], Any]:
         return formats.score_examples(row), None
 
+    def encode(self, encoder, examples: List[TextExample]) -> List[Any]:
+        """The chunk's examples as :class:`Encoded` (or :class:`EncodeError`) in order."""
+        return encoder.encode(examples)
+
     def outputs(self, row: Dict[str, Any], index: int, state: Any, results: List[ScoreResult]) -> Dict[str, List[dict]]:
         result = results[0]
         out = {"id": formats.row_id(row, index)}
@@ -204,7 +208,7 @@ def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, Li
             continue
         accepted.append((item, row, state, len(examples), len(row_examples)))
         examples.extend(row_examples)
-    encoded = encoder.encode(examples) if examples else []
+    encoded = task.encode(encoder, examples) if examples else []
     scorable: List[Tuple[InputRow, Dict[str, Any], Any, List[int]]] = []
     to_score: List[Encoded] = []
     for item, row, state, first, count in accepted:

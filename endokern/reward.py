@@ -10,7 +10,9 @@ tokens. Its response rows are the hidden states at positions ``p .. T`` (1-based
 - token reward ``r_h = Q_h - gamma * V(s_{h+1})`` (the inverse soft Bellman operator),
 - token log-probability ``log pi_h = (Q_h - V(s_h)) / alpha``,
 - ``reward = sum_h r_h`` (``reduce="sum"``) or its mean over the ``H`` tokens (``reduce="mean"``),
-- ``logprob = alpha * sum_h log pi_h = sum_h (Q_h - V(s_h))``.
+- ``logprob = alpha * sum_h log pi_h = sum_h (Q_h - V(s_h))``,
+- ``final_value = value[H] = V(s_{H+1})`` (with ``token_values`` and ``token_logprobs`` it gives every
+  (gamma, terminal, reduce) variant of the same forward: ``Q_h = alpha * log pi_h + V(s_h)``).
 
 Rows of many sequences are packed one after another; ``cu_rows`` (``[B + 1]``, starting at 0) marks
 where each sequence's ``H + 1`` rows begin. Nothing crosses a sequence boundary. The O(N) arithmetic
@@ -49,6 +51,7 @@ class Rewards(NamedTuple):
     reward_mean: torch.Tensor  # [B] float64
     logprob: torch.Tensor  # [B] float64, alpha * sum_h log pi_h
     num_tokens: torch.Tensor  # [B] int64, H
+    final_value: Optional[torch.Tensor] = None  # [B] float64, V(s_{H+1}): the value after the last response token
 
 
 def response_rows(
@@ -146,6 +149,7 @@ def sequence_rewards(
         reward_mean=reward_mean,
         logprob=logprob,
         num_tokens=num_tokens,
+        final_value=value64[cu_rows[1:] - 1],
     )
 
 

@@ -1,0 +1,250 @@
+"""``endokern eval``: variants from one pass, the judge baseline, bootstrap intervals, suites and the report."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import shutil
+
+import pytest
+from model_utils import FIXTURE, fixture_model, oracle, random_examples
+from test_cli import read_jsonl, run_cli, sentence, write_jsonl
+from test_tokenization import CHAT_TEMPLATE
+
+from endokern import EndoRM, evaluation
+from endokern.formats import grid_accuracy, win
+from endokern.tokenization import TextExample
+from endokern.variants import ONE_PASS, Variant, parse_variant, parse_variants, variant_score
+
+
+@pytest.fixture
+def rng(gen):
+    return random.Random(int(gen.initial_seed()))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_every_variant_equals_a_direct_run_with_its_settings(gen, alpha):
+    model, tok = fixture_model()
+    prompts, responses = random_examples(gen, model.config.vocab_size, 10)
+    results = EndoRM(model, tok, alpha=alpha).score_ids(prompts, responses, per_token=True)
+    variants = parse_variants("paper,mean,bootstrap,bootstrap-mean,gamma=0.93,gamma=0.5,loglik,loglik-mean")
+    for v in variants:
+        got = [variant_score(r, v, alpha) for r in results]
+        if v.kind == "reward":
+            direct = EndoRM(model, tok, alpha=alpha, gamma=v.gamma, terminal=v.terminal, reduce=v.reduce)
+            want = [r.reward for r in direct.score_ids(prompts, responses)]
+        else:  # the log-likelihood of the alpha-tempered policy: logprob / alpha, summed or averaged
+            want = [r.logprob / alpha / (r.num_tokens if v.reduce == "mean" else 1) for r in results]
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-12, abs=1e-12), v.name
+
+
+def test_variants_against_the_float64_oracle(gen):
+    model, tok = fixture_model()
+    prompts, responses = random_examples(gen, model.config.vocab_size, 8)
+    results = EndoRM(model, tok, alpha=0.8).score_ids(prompts, responses, per_token=True)
+    for gamma, terminal in ((0.93, "zero"), (1.0, "bootstrap"), (0.5, "bootstrap")):
+        ref = oracle(model, prompts, responses, alpha=0.8, gamma=gamma, terminal=terminal)
+        v = Variant("custom", "reward", gamma=gamma, terminal=terminal)
+        for r, o in zip(results, ref):
+            scale = max(abs(o["reward_sum"]), 1.0)
+            assert abs(variant_score(r, v, 0.8) - o["reward_sum"]) <= 1e-5 * scale
+
+
+def test_final_value_is_the_value_after_the_last_token(gen):
+    model, tok = fixture_model()
+    prompts, responses = random_examples(gen, model.config.vocab_size, 6)
+    results = EndoRM(model, tok, gamma=1.0, terminal="bootstrap").score_ids(prompts, responses, per_token=True)
+    zero = EndoRM(model, tok).score_ids(prompts, responses)
+    for b, z in zip(results, zero):  # gamma 1: bootstrap = zero - V(s_{H+1})
+        assert b.reward_sum == pytest.approx(z.reward_sum - b.final_value, rel=1e-9, abs=1e-9)
+    assert EndoRM(model, tok).score_ids(prompts, responses)[0].final_value is None  # only with per_token
+
+
+@pytest.mark.parametrize("bad", ["nope", "gamma=1.5", "gamma=x", ""])
+def test_bad_variants_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_variants(bad) if bad == "" else parse_variant(bad)
+
+
+def test_all_is_the_one_pass_variants_and_the_judge():
+    assert [v.name for v in parse_variants("all")] == list(ONE_PASS) + ["judge"]
+    assert [v.name for v in parse_variants("mean,paper,mean")] == ["mean", "paper"]
+
+
+def test_row_metrics_follow_the_grid_protocol(rng):
+    k = 3
+    rewards = [rng.uniform(-5, 5) for _ in range(2 * k)]
+    rewards[4] = rewards[0]  # a tie in cell (0, 1)
+    row = {"k": k, "grid": True, "rewards": {"v": rewards}}
+    margins = [[rewards[i] - rewards[k + j] for j in range(k)] for i in range(k)]
+    got = evaluation.row_metrics(row, "v")
+    assert got["accuracy"] == pytest.approx(sum(win(m) for line in margins for m in line) / 9)
+    for name, value in grid_accuracy(margins).items():
+        assert got[name] == pytest.approx(value)
+    pair = {"k": 1, "grid": False, "rewards": {"v": [1.0, 1.0]}}
+    assert evaluation.row_metrics(pair, "v") == {"accuracy": 0.5}
+
+
+def _pass_file(tmp_path, name, wins):
+    rows = [{"id": i, "k": 1, "grid": False, "rewards": {"paper": [1.0, 0.0] if w else [0.0, 1.0]}}
+            for i, w in enumerate(wins)]
+    path = write_jsonl(tmp_path / f"{name}.variants.jsonl", rows)
+    return evaluation.PassResult(name, "variants", path, {"seconds": 1.0})
+
+
+def test_bootstrap_intervals_and_sections(tmp_path, rng):
+    variants = parse_variants("paper")
+    wins_a = [rng.random() < 0.7 for _ in range(200)]
+    wins_b = [rng.random() < 0.4 for _ in range(50)]
+    passes = [_pass_file(tmp_path, "llmbar-natural", wins_a), _pass_file(tmp_path, "llmbar-adversarial-manual", wins_b),
+              _pass_file(tmp_path, "rm-bench-chat", wins_a[:30]), _pass_file(tmp_path, "rm-bench-code", wins_b[:20])]
+    report = evaluation.build_report(passes, variants, resamples=2000, seed=1)
+    a = report["suites"]["llmbar-natural"]["variants"]["paper"]
+    p = sum(wins_a) / 200
+    assert a["accuracy"] == pytest.approx(p)
+    lo, hi = a["accuracy_ci95"]
+    half = 1.96 * math.sqrt(p * (1 - p) / 200)  # the normal approximation the bootstrap should be near
+    assert lo < p < hi and abs((hi - lo) / 2 - half) < 0.25 * half
+    pooled = report["sections"]["chat-hard"]["variants"]["paper"]
+    assert pooled["accuracy"] == pytest.approx((sum(wins_a) + sum(wins_b)) / 250)  # pooled pairs
+    macro = report["sections"]["rm-bench"]["variants"]["paper"]
+    assert macro["accuracy"] == pytest.approx((sum(wins_a[:30]) / 30 + sum(wins_b[:20]) / 20) / 2)  # mean of domains
+    assert macro["accuracy_ci95"][0] < macro["accuracy"] < macro["accuracy_ci95"][1]
+    constant = evaluation.build_report([_pass_file(tmp_path, "x", [True] * 10)], variants, resamples=100)
+    assert constant["suites"]["x"]["variants"]["paper"]["accuracy_ci95"] == [1.0, 1.0]
+    md = evaluation.report_markdown(report)
+    assert "chat-hard (pooled pairs)" in md and f"{pooled['accuracy']:.3f}" in md
+
+
+def _data_dir(tmp_path, rng):
+    """A data folder in the built-in layout with short rows the fixture can read (512 positions)."""
+    root = tmp_path / "data"
+    for sub in ("rm-bench", "llmbar", "hh-rlhf"):
+        (root / sub).mkdir(parents=True)
+    for domain in ("chat", "code", "safety-refuse"):
+        rows = [{"id": i, "subset": domain, "prompt": sentence(rng), "chosen": [" " + sentence(rng) for _ in range(3)],
+                 "rejected": [" " + sentence(rng) for _ in range(3)]} for i in range(6)]
+        (root / "rm-bench" / f"{domain}_filtered.json").write_text(json.dumps(rows))
+    for f in evaluation._LLMBAR.values():
+        rows = [{"input": sentence(rng), "output_1": " " + sentence(rng), "output_2": " " + sentence(rng),
+                 "label": rng.choice([1, 2])} for _ in range(7)]
+        (root / "llmbar" / f).write_text(json.dumps(rows))
+    with gzip.open(root / "hh-rlhf" / "harmless-base_test.jsonl.gz", "wt") as f:
+        for _ in range(9):
+            head = f"\n\nHuman: {sentence(rng)}\n\nAssistant:"
+            f.write(json.dumps({"chosen": head + " " + sentence(rng), "rejected": head + " " + sentence(rng)}) + "\n")
+    return root
+
+
+def test_eval_cli_matches_compare_for_the_same_settings(tmp_path, rng):
+    data = _data_dir(tmp_path, rng)
+    out = tmp_path / "eval"
+    run_cli("eval", "--suite", "all", "--data", data, "--output", out, "--template", "plain",
+            "--variants", "paper,mean,gamma=0.93,loglik", "--bootstrap", "200")
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["suites"]) == set(evaluation.SUITES)
+    assert set(report["sections"]) == {"rm-bench", "chat-hard"}
+    for suite, files in (("rm-bench-code", "rm-bench/code_filtered.json"), ("llmbar-natural", "llmbar/LLMBar__Natural.json"),
+                         ("hh-rlhf-harmless", "hh-rlhf/harmless-base_test.jsonl.gz")):
+        for variant, flags in (("paper", []), ("mean", ["--reduce", "mean"]), ("gamma=0.93", ["--gamma", "0.93"])):
+            cmp_out = tmp_path / f"cmp-{suite}-{variant}.jsonl"
+            run_cli("compare", "--input", data / files, "--output", cmp_out, "--template", "plain", *flags)
+            summary = json.loads(cmp_out.with_name(cmp_out.name.replace(".jsonl", ".summary.json")).read_text())
+            got = report["suites"][suite]["variants"][variant]
+            assert got["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-12), (suite, variant)
+            if suite.startswith("rm-bench"):
+                for name in ("easy", "normal", "hard"):
+                    assert got[name] == pytest.approx(summary[name], abs=1e-12)
+    # the per-row rewards are those of compare too
+    paper_rows = read_jsonl(out / "llmbar-natural.variants.jsonl")
+    cmp_rows = read_jsonl(tmp_path / "cmp-llmbar-natural-paper.jsonl")
+    for e, c in zip(paper_rows, cmp_rows):
+        assert e["rewards"]["paper"][0] - e["rewards"]["paper"][1] == pytest.approx(c["margin"], rel=1e-9, abs=1e-9)
+    md = (out / "report.md").read_text()
+    for name in list(evaluation.SUITES) + ["rm-bench (mean of domains)", "easy", "hard", "pairs/s"]:
+        assert name in md
+    # Running again resumes: nothing is scored twice and the report is the same
+    before = {p["suite"] + p["name"]: p["seconds"] for p in report["passes"]}
+    run_cli("eval", "--suite", "all", "--data", data, "--output", out, "--template", "plain",
+            "--variants", "paper,mean,gamma=0.93,loglik", "--bootstrap", "200")
+    again = json.loads((out / "report.json").read_text())
+    assert again["suites"] == report["suites"]
+    assert {p["suite"] + p["name"]: p["seconds"] for p in again["passes"]} == before
+
+
+def test_eval_sample_is_seeded_and_custom_files_keep_their_subsets(tmp_path, rng):
+    rows = [{"id": f"r{i}", "subset": "ab"[i % 2], "prompt": sentence(rng), "chosen": " " + sentence(rng),
+             "rejected": " " + sentence(rng)} for i in range(30)]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    suite, paths = evaluation.resolve_suites([path])[0]
+    assert suite.name == "mine"
+    a, _ = evaluation.sample_rows(suite, paths, 10, seed=3)
+    b, _ = evaluation.sample_rows(suite, paths, 10, seed=3)
+    c, _ = evaluation.sample_rows(suite, paths, 10, seed=4)
+    assert [r["id"] for r in a] == [r["id"] for r in b] != [r["id"] for r in c]
+    assert [r["id"] for r in a] == sorted((r["id"] for r in a), key=lambda x: int(x[1:]))  # file order
+    out = tmp_path / "eval"
+    run_cli("eval", "--suite", path, "--output", out, "--template", "plain", "--variants", "paper", "--max-rows", "12")
+    report = json.loads((out / "report.json").read_text())
+    res = report["suites"]["mine"]["variants"]["paper"]
+    assert res["rows"] == 12 and set(res["subsets"]) == {"a", "b"}
+    assert sum(s["rows"] for s in res["subsets"].values()) == 12
+
+
+def test_missing_data_and_unknown_suites_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        run_cli("eval", "--suite", "rm-bench", "--data", tmp_path, "--output", tmp_path / "o")
+    with pytest.raises(SystemExit, match="neither a suite"):
+        run_cli("eval", "--suite", "no-such-suite", "--output", tmp_path / "o")
+    with pytest.raises(SystemExit, match="unknown variant"):
+        run_cli("eval", "--suite", "all", "--variants", "paper,bogus", "--output", tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def chat_rm(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-tok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{FIXTURE}/{name}", folder / name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, _ = fixture_model()
+    return EndoRM(model, AutoTokenizer.from_pretrained(folder))
+
+
+def test_judge_scores_the_answer_tokens_of_the_judge_prompt(tmp_path, rng, chat_rm):
+    rows = [{"prompt": sentence(rng), "chosen": sentence(rng), "rejected": sentence(rng)} for _ in range(5)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    suites = evaluation.resolve_suites([path])
+    variants = parse_variants("paper,judge")
+    passes = evaluation.run_eval(chat_rm, suites, variants, str(tmp_path / "out"), template="chat", progress=False,
+                                 log=lambda m: None)
+    judged = read_jsonl(passes[1].output)
+    encoder = chat_rm.encoder("chat")
+    answer_ids = chat_rm.tokenizer("Yes", add_special_tokens=False)["input_ids"]
+    for row, out in zip(rows, judged):
+        for response, reward in ((row["chosen"], out["rewards"]["judge"][0]), (row["rejected"], out["rewards"]["judge"][1])):
+            text = evaluation.JUDGE_PROMPT.format(prompt=row["prompt"], response=response)
+            prompt_ids = encoder.encode([TextExample(text, "Yes")])[0].prompt_ids
+            # the answer alone, without the end-of-turn token that the template adds after it
+            assert out["num_tokens"][0] == len(answer_ids)
+            want = chat_rm.score_ids([prompt_ids], [answer_ids])[0].logprob
+            assert reward == pytest.approx(want, rel=1e-6, abs=1e-6)
+    report = evaluation.build_report(passes, variants, resamples=100)
+    assert report["suites"]["pairs"]["variants"]["judge"]["rows"] == 5
+
+
+def test_eval_plot_writes_one_png_per_variant(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    rows = [{"prompt": sentence(rng), "chosen": " " + sentence(rng), "rejected": " " + sentence(rng)} for _ in range(8)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "eval"
+    run_cli("eval", "--suite", path, "--output", out, "--template", "plain", "--variants", "paper,mean", "--plot")
+    for name in ("margins-paper.png", "margins-mean.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

@@ -4,6 +4,8 @@
     endokern compare  preference rows (pairs, RM-Bench, LLMBar, HH-RLHF) -> per-row margins + a summary
     endokern rank     prompt + responses                          -> rewards and the best index (best-of-N)
     endokern filter   as score                                    -> kept rows; the rest with the reason
+    endokern explain  one prompt + responses (or one input row)   -> token rewards: terminal colours, an HTML page
+    endokern eval     preference suites x reward variants/baselines -> accuracy with 95% intervals, report.md/.json
     endokern backends                                             -> which kernel backends run here
 """
 
@@ -197,6 +199,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         raise SystemExit(f"endokern filter: --top-fraction must be in (0, 1], got {args.top_fraction}")
     if args.output == "-" and args.top_fraction is not None:
         raise SystemExit("endokern filter: --top-fraction needs a file --output (it scores every row first)")
+    if args.plot and args.output == "-":
+        raise SystemExit("endokern filter: --plot needs a file --output (it reads the rewards back)")
     errors = args.errors or _beside(args.output, ".errors.jsonl")
     rejected = args.rejected or _beside(args.output, ".rejected.jsonl")
     key = _run_key(args, min_reward=args.min_reward, top_fraction=args.top_fraction)
@@ -205,6 +209,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         writer, stats = _run(args, FilterTask(args.min_reward), streams, key)
         writer.close()
         _report(stats, streams)
+        if args.plot:
+            _filter_plot(args, _rewards_in(args.output), _rewards_in(rejected), {"min-reward": args.min_reward})
         return 0
     # The top fraction needs every reward first: score into a resumable side file, then split it.
     scored = _beside(args.output, ".scored.jsonl")
@@ -228,24 +234,164 @@ def cmd_filter(args: argparse.Namespace) -> int:
     _report(stats, {"errors": errors})
     print(f"endokern: kept {len(kept)} of {len(rows)} scored rows (threshold {threshold:.6g}); "
           f"rejected rows in {rejected}", file=sys.stderr)
+    if args.plot:
+        _filter_plot(args, [r["reward"] for r in kept], [r["reward"] for r in dropped],
+                     {"top-fraction threshold": threshold, "min-reward": args.min_reward})
     return 0
 
 
-def _add_run_options(p: argparse.ArgumentParser, per_token: bool = False) -> None:
+def _rewards_in(path: str) -> List[float]:
+    """The ``reward`` of every row of an output file (none when it does not exist)."""
+    from .io import read_rows
+
+    if path == "-" or not os.path.exists(path):
+        return []
+    return [item.row["reward"] for item in read_rows(path) if item.row is not None and "reward" in item.row]
+
+
+def _filter_plot(args: argparse.Namespace, kept: List[float], rejected: List[float],
+                 thresholds: Dict[str, Optional[float]]) -> None:
+    from .plots import histogram_png
+
+    lines = {k: v for k, v in thresholds.items() if v is not None and v == v and abs(v) != float("inf")}
+    histogram_png(args.plot, {"kept": kept, "rejected": rejected}, thresholds=lines, zero_line=False,
+                  title=f"endokern filter: rewards of {len(kept) + len(rejected)} rows ({args.model})",
+                  xlabel=f"reward ({args.reduce})")
+    print(f"endokern: reward histogram in {args.plot}", file=sys.stderr)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Token by token: which tokens of a response earn or lose reward (terminal colours and/or an HTML page)."""
+    from .explain import explain, render_html, render_terminal
+    from .tokenization import EncodeError, resolve_template
+
+    if args.input is None and (args.prompt is None or not args.response):
+        raise SystemExit("endokern explain: give --prompt with one or more --response, or --input FILE --row N")
+    if args.input is not None and (args.prompt is not None or args.response):
+        raise SystemExit("endokern explain: give either --prompt/--response or --input/--row, not both")
+    row = _explain_row(args) if args.input is not None else None
+    rm = _load(args)
+    template = resolve_template(rm.tokenizer, args.template)
+    examples, labels, source = _explain_examples(args, row, template)
+    try:
+        explained = explain(rm, examples, labels, template=template, system=args.system,
+                            append_eos=args.append_eos, max_length=args.max_length)
+    except (EncodeError, ValueError) as err:  # an example that cannot be encoded, or longer than the model's context
+        raise SystemExit(f"endokern explain: {err}") from None
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    sys.stdout.write(render_terminal(explained, color=color, metric=args.color_by))
+    if args.html:
+        subtitle = (f"{source + ' | ' if source else ''}model {args.model} | template {template} "
+                    f"| alpha {args.alpha:g} | gamma {args.gamma:g} | terminal {args.terminal} | reduce {args.reduce}")
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(render_html(explained, subtitle=subtitle, metric=args.color_by))
+        print(f"endokern explain: page in {args.html}", file=sys.stderr)
+    return 0
+
+
+def _explain_row(args: argparse.Namespace) -> Dict[str, Any]:
+    from .io import read_rows
+
+    if args.row < 0:
+        raise SystemExit(f"endokern explain: --row must be >= 0, got {args.row}")
+    item = next(iter(read_rows(args.input, start=args.row)), None)
+    if item is None:
+        raise SystemExit(f"endokern explain: {args.input} has no row {args.row}")
+    if item.row is None:
+        raise SystemExit(f"endokern explain: row {args.row} of {args.input}: {item.error}")
+    return item.row
+
+
+def _explain_examples(args: argparse.Namespace, row: Optional[Dict[str, Any]], template: str):
+    """(examples, labels, where they come from) of --prompt/--response or of a score, rank or preference row."""
+    from . import formats
+    from .tokenization import TextExample
+
+    if row is None:
+        examples = [TextExample(args.prompt, r) for r in args.response]
+        labels = ["response"] if len(examples) == 1 else [f"response {i}" for i in range(len(examples))]
+        return examples, labels, None
+    source = f"{args.input} row {args.row} (id {formats.row_id(row, args.row)})"
+    try:
+        if "responses" in row:
+            examples = formats.rank_examples(row)
+            labels = [f"response {i}" for i in range(len(examples))]
+        elif "response" in row or "messages" in row:
+            examples, labels = formats.score_examples(row), ["response"]
+        else:
+            pref = formats.preference_examples(row, template)
+            if pref.grid:
+                labels = [f"{side}[{i}]" for side in ("chosen", "rejected") for i in range(pref.k)]
+            else:
+                labels = ["chosen", "rejected"]
+            examples = pref.examples
+    except formats.RowError as err:
+        raise SystemExit(f"endokern explain: row {args.row} of {args.input}: {err}") from None
+    return examples, labels, source
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Preference suites (RM-Bench, LLMBar / Chat Hard, HH-RLHF, any compare file) under reward variants and
+    baselines: accuracy with 95% bootstrap intervals and speed, as report.md and report.json."""
+    from . import evaluation
+    from .tokenization import resolve_template
+    from .variants import parse_variants
+
+    try:
+        variants = parse_variants(args.variants)
+        suites = evaluation.resolve_suites(args.suite, args.data)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"endokern eval: {err}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise SystemExit("endokern eval: --max-rows must be >= 1")
+    rm = _load(args)
+    template = resolve_template(rm.tokenizer, args.template)
+    settings = {
+        "model": args.model, "template": template, "system": args.system, "alpha": args.alpha,
+        "dtype": str(rm.head.weight.dtype).replace("torch.", ""),
+        "device": str(rm.device), "backend": rm.backend, "batch_tokens": rm.batch_tokens,
+        "data": os.path.abspath(evaluation.data_dir(args.data)), "max_rows": args.max_rows, "seed": args.seed,
+        "bootstrap_resamples": args.bootstrap, "torch_threads": torch.get_num_threads(),
+    }
+    key = {k: settings[k] for k in ("model", "template", "system", "alpha", "dtype", "backend", "batch_tokens")}
+    key.update(max_length=args.max_length, chunk_rows=args.chunk_rows, packing=args.packing)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    passes = evaluation.run_eval(
+        rm, suites, variants, args.output, template=template, system=args.system, max_rows=args.max_rows,
+        seed=args.seed, max_length=args.max_length, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
+        run_key=key, progress=not args.no_progress, log=log,
+    )
+    report = evaluation.build_report(passes, variants, resamples=args.bootstrap, seed=args.seed, settings=settings)
+    json_path, md_path = os.path.join(args.output, "report.json"), os.path.join(args.output, "report.md")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    title = f"# endokern eval: {args.model}\n\n" + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n\n"
+    markdown = title + evaluation.report_markdown(report)
+    with open(md_path, "w") as f:
+        f.write(markdown)
+    print(markdown)
+    if args.plot:
+        for path in evaluation.plot_margins(passes, variants, args.output):
+            log(f"endokern eval: wrote {path}")
+    log(f"endokern eval: report in {md_path} and {json_path}")
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser, reward: bool = True) -> None:
+    """The model, its text template, the reward's settings and the engine's."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model folder, hub id, .gguf file, or '{DEFAULT_MODEL}' (the default, fetched once)")
-    p.add_argument("--input", nargs="+", default=["-"],
-                   help="JSONL, JSONL.gz, JSON, Parquet, or '-' (stdin); several files are read one after another")
-    p.add_argument("--output", default="-", help="JSONL, JSONL.gz or Parquet by extension, or '-' (stdout)")
-    p.add_argument("--errors", help="where malformed rows go (default: beside the output, *.errors.jsonl)")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming or refusing")
     p.add_argument("--template", default="auto", choices=("auto", "plain", "chat"))
     p.add_argument("--system", help="a system prompt for the chat template")
     p.add_argument("--append-eos", action="store_true", help="score an EOS after each plain-template response")
     p.add_argument("--alpha", type=float, default=1.0, help="soft-value temperature (> 0)")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount of the next state's value")
-    p.add_argument("--terminal", default="zero", choices=("zero", "bootstrap"))
-    p.add_argument("--reduce", default="sum", choices=("sum", "mean"))
+    if reward:
+        p.add_argument("--gamma", type=float, default=1.0, help="discount of the next state's value")
+        p.add_argument("--terminal", default="zero", choices=("zero", "bootstrap"))
+        p.add_argument("--reduce", default="sum", choices=("sum", "mean"))
+    else:
+        p.set_defaults(gamma=1.0, terminal="zero", reduce="sum")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -255,6 +401,15 @@ def _add_run_options(p: argparse.ArgumentParser, per_token: bool = False) -> Non
     p.add_argument("--packing", default="auto", choices=("auto", "on", "off"),
                    help="padding-free packing (auto: where flash-attn's varlen path runs)")
     p.add_argument("--max-length", type=int, default=None, help="rows with a longer sequence go to the errors file")
+
+
+def _add_run_options(p: argparse.ArgumentParser, per_token: bool = False) -> None:
+    _add_model_options(p)
+    p.add_argument("--input", nargs="+", default=["-"],
+                   help="JSONL, JSONL.gz, JSON, Parquet, or '-' (stdin); several files are read one after another")
+    p.add_argument("--output", default="-", help="JSONL, JSONL.gz or Parquet by extension, or '-' (stdout)")
+    p.add_argument("--errors", help="where malformed rows go (default: beside the output, *.errors.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming or refusing")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows (of this shard)")
@@ -291,7 +446,43 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--min-reward", type=float, default=None, help="keep rows whose reward is at least this")
     filt.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of rows, best first")
     filt.add_argument("--rejected", help="where the rows not kept go, with the reason (default: *.rejected.jsonl)")
+    filt.add_argument("--plot", metavar="PNG", help="also write a histogram of the rewards (kept vs rejected) here")
     filt.set_defaults(func=cmd_filter)
+
+    expl = sub.add_parser("explain", help=cmd_explain.__doc__)
+    _add_model_options(expl)
+    expl.add_argument("--prompt", help="the prompt (with --response)")
+    expl.add_argument("--response", action="append", default=[],
+                      help="a response to the prompt; repeat for several (shown side by side)")
+    expl.add_argument("--input", help="a file any command reads (JSONL, JSON, Parquet): explain one row of it")
+    expl.add_argument("--row", type=int, default=0,
+                      help="which row of --input (0-based; a score, rank or preference row)")
+    expl.add_argument("--html", metavar="PATH", help="write a self-contained HTML page here")
+    expl.add_argument("--color", default="auto", choices=("auto", "always", "never"),
+                      help="ANSI colours on standard output (auto: when it is a terminal)")
+    expl.add_argument("--color-by", default="reward", choices=("reward", "logprob", "entropy"),
+                      help="what the colours show (the HTML page can switch)")
+    expl.set_defaults(func=cmd_explain)
+
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__)
+    ev.add_argument("--suite", nargs="+", default=["all"],
+                    help="suites (rm-bench-chat, rm-bench-code, rm-bench-safety-refuse, llmbar-natural, "
+                         "llmbar-adversarial-{neighbor,gptinst,gptout,manual}, hh-rlhf-harmless), groups "
+                         "(rm-bench, chat-hard, all) or preference files in any layout compare reads")
+    ev.add_argument("--data", help="folder with rm-bench/, llmbar/, hh-rlhf/ (default: $ENDOKERN_DATA, else ../shared/data)")
+    ev.add_argument("--output", required=True, help="folder for per-suite rows, report.md, report.json (resumable)")
+    ev.add_argument("--variants", default="all",
+                    help="comma-separated: paper, mean, bootstrap, bootstrap-mean, gamma=G, loglik, loglik-mean, "
+                         "judge; 'all' = paper,mean,bootstrap,gamma=0.93,loglik,loglik-mean,judge")
+    ev.add_argument("--max-rows", type=int, default=None, help="a seeded random sample of this many rows per suite")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the row sample and of the bootstrap")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--plot", action="store_true", help="also write PNG histograms of the margins, one per variant")
+    ev.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    ev.add_argument("--chunk-rows", type=int, default=64, help="rows per committed chunk (the resume granularity)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(ev, reward=False)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

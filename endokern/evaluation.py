@@ -260,7 +260,7 @@ def run_eval(
                     log(f"endokern eval: {suite.name} ({pass_name}): {len(rows)} rows")
                     run_stats: RunStats = run(
                         rm, task, [inputs], writer, template=template, system=system, max_length=max_length,
-                        chunk_rows=chunk_rows, progress=progress,
+                        limit=len(rows), chunk_rows=chunk_rows, progress=progress,  # limit: the bar's total
                     )
                     stats = run_stats.as_dict()
                     stats["unreadable_rows"] = len(bad)
@@ -389,11 +389,14 @@ def read_rows_of(path: str) -> Iterable[Dict[str, Any]]:
     return (item.row for item in read_rows(path) if item.error is None)
 
 
-def _cell(result: Optional[Dict[str, Any]], name: str) -> str:
+def _cell(result: Optional[Dict[str, Any]], name: str, rows: Any = None) -> str:
     if not result or name not in result:
         return ""
     lo, hi = result[f"{name}_ci95"]
-    return f"{result[name]:.3f} [{lo:.2f}, {hi:.2f}]"
+    text = f"{result[name]:.3f} [{lo:.2f}, {hi:.2f}]"
+    if rows not in (None, "") and result.get("rows") not in (None, rows):  # this variant lost rows to errors
+        text += f" (n={result['rows']})"
+    return text
 
 
 def report_markdown(report: Dict[str, Any]) -> str:
@@ -405,8 +408,8 @@ def report_markdown(report: Dict[str, Any]) -> str:
 
     def add(label: str, entry: Dict[str, Any], metric: str = "accuracy", bold: bool = False) -> None:
         res = entry.get("variants", {})
-        rows = next((r["rows"] for r in res.values()), "")
-        cells = [_cell(res.get(v), metric) for v in variants]
+        rows = max((r["rows"] for r in res.values()), default="")
+        cells = [_cell(res.get(v), metric, rows) for v in variants]
         if bold:
             label, cells = f"**{label}**", [f"**{c}**" if c else c for c in cells]
         lines.append(f"| {label} | {rows if metric == 'accuracy' else ''} | " + " | ".join(cells) + " |")

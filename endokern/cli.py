@@ -417,6 +417,17 @@ def _add_run_options(p: argparse.ArgumentParser, per_token: bool = False) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if per_token:
         p.add_argument("--per-token", action="store_true", help="also write token_rewards and token_logprobs")
+    ray = p.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
+    ray.add_argument("--engine", default="local", choices=("local", "ray"),
+                     help="local: this process; ray: Ray Data workers, --output is a folder of Parquet parts")
+    ray.add_argument("--num-workers", type=int, default=1, help="ray: scoring actors (one model each)")
+    ray.add_argument("--address", default=None,
+                     help="ray: the cluster, HEAD:6379 or auto (default: RAY_ADDRESS, else one started here "
+                          "with `ray start`, else a new local one)")
+    ray.add_argument("--num-gpus-per-worker", type=float, default=None,
+                     help="ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--num-cpus-per-worker", type=float, default=1,
+                     help="ray: CPUs per actor, also its torch threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,6 +502,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("batch_tokens", "chunk_rows"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise SystemExit(f"endokern: --{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "engine", "local") == "ray":
+        try:
+            from .integrations.ray import cli_main
+        except ImportError as err:
+            raise SystemExit(f"endokern {args.command}: {err}") from None
+        return cli_main(args)
     return args.func(args)
 
 

@@ -95,6 +95,30 @@ class FilterTask(Task):
         return {"rejected": [out]}
 
 
+TASKS = ("score", "compare", "rank", "filter")
+
+
+def make_task(
+    command: str,
+    *,
+    template: str = "plain",
+    per_token: bool = False,
+    min_reward: Optional[float] = None,
+    keep_scored: bool = False,
+) -> Task:
+    """The :class:`Task` of a command: ``score``, ``compare`` (``template`` is the resolved ``plain`` or ``chat``,
+    which HH-RLHF transcripts need), ``rank`` or ``filter``."""
+    if command == "score":
+        return ScoreTask(per_token=per_token)
+    if command == "compare":
+        return CompareTask(template)
+    if command == "rank":
+        return RankTask()
+    if command == "filter":
+        return FilterTask(min_reward, keep_scored=keep_scored)
+    raise ValueError(f"command must be one of {TASKS}, got {command!r}")
+
+
 @dataclass
 class RunStats:
     rows: int = 0
@@ -193,6 +217,40 @@ def run(
 
 
 def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, List[dict]]:
+    """:func:`process_chunk` with a progress bar that counts whole rows."""
+    pending = [0.0]  # rows' worth of scored examples not yet shown (the bar shows whole rows)
+
+    def progress(n_examples: int, n_tokens: int, rows_per_example: float) -> None:
+        bar.report(0, n_tokens)
+        pending[0] += n_examples * rows_per_example
+        whole = min(int(pending[0]), len(chunk) - 1)
+        if whole > 0:
+            bar.bar.update(whole)
+            pending[0] -= whole
+
+    return process_chunk(rm, task, encoder, chunk, max_length, stats=stats, progress=progress)
+
+
+def process_chunk(
+    rm: EndoRM,
+    task: Task,
+    encoder,
+    chunk: Sequence[Tuple[InputRow, Optional[str]]],
+    max_length: Optional[int] = None,
+    *,
+    stats: Optional[RunStats] = None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> Dict[str, List[dict]]:
+    """One chunk of input rows through ``task``: the rows of each output stream (``output``, ``errors``, and
+    ``rejected`` for filter), each in input order.
+
+    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`iter_inputs` yields them; ``encoder`` is
+    ``rm.encoder(template, system=..., append_eos=...)``. A row that cannot be parsed, has no usable fields, fails to
+    encode, or is longer than ``max_length`` (or the model's positions) goes to ``errors`` with the reason. The
+    chunk's examples are encoded and scored together, so the same chunk gives the same results in any process.
+    ``stats`` (when given) counts the examples and tokens scored; ``progress(examples, tokens, rows_per_example)``
+    is called after each scored batch. Used by :func:`run` and by the Ray integration.
+    """
     errors: List[dict] = []
     accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
     examples: List[TextExample] = []
@@ -227,17 +285,12 @@ def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, Li
         to_score.extend(mine)
     rows_per_example = (len(chunk) - len(errors)) / max(len(to_score), 1)
 
-    pending = [0.0]  # rows' worth of scored examples not yet shown (the bar shows whole rows)
-
     def report(n_examples: int, n_tokens: int) -> None:
-        stats.examples += n_examples
-        stats.tokens += n_tokens
-        bar.report(0, n_tokens)
-        pending[0] += n_examples * rows_per_example
-        whole = min(int(pending[0]), len(chunk) - 1)
-        if whole > 0:
-            bar.bar.update(whole)
-            pending[0] -= whole
+        if stats is not None:
+            stats.examples += n_examples
+            stats.tokens += n_tokens
+        if progress is not None:
+            progress(n_examples, n_tokens, rows_per_example)
 
     results = rm.score_encoded(to_score, per_token=task.per_token, progress=report) if to_score else []
     streams: Dict[str, List[dict]] = {"errors": errors}

@@ -299,6 +299,40 @@ def margins_of(row: Dict[str, Any], variant: str) -> List[float]:
     return [c - r for c in rewards[:k] for r in rewards[k:]]
 
 
+def _cells(row: Dict[str, Any]):
+    k = row["k"]
+    return [(i, k + j) for i in range(k) for j in range(k)]
+
+
+def length_bias(rows: Sequence[Dict[str, Any]], variant: str, lengths: Dict[Any, List[int]]) -> Optional[float]:
+    """Over the compared pairs whose responses differ in length: the share where the shorter response scores
+    higher (0.5: no length preference). ``lengths``: response token counts by row id (from the variants pass; the
+    judge pass scores one answer token per response)."""
+    wins = total = 0
+    for r in rows:
+        n = lengths.get(r["id"])
+        if n is None:
+            continue
+        rewards = r["rewards"][variant]
+        for a, b in _cells(r):
+            if n[a] == n[b] or rewards[a] == rewards[b]:
+                continue
+            total += 1
+            wins += (rewards[a] > rewards[b]) == (n[a] < n[b])
+    return wins / total if total else None
+
+
+def response_lengths(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Mean response tokens of the chosen and the rejected side over the compared pairs, and how often the chosen
+    response is the shorter one."""
+    chosen = rejected = shorter = count = 0
+    for r in rows:
+        n = r["num_tokens"]
+        for a, b in _cells(r):
+            chosen, rejected, shorter, count = chosen + n[a], rejected + n[b], shorter + (n[a] < n[b]), count + 1
+    return {"chosen_tokens": chosen / count, "rejected_tokens": rejected / count, "chosen_shorter": shorter / count}
+
+
 def _metric_arrays(rows: Sequence[Dict[str, Any]], variant: str) -> Dict[str, np.ndarray]:
     per_row = [row_metrics(r, variant) for r in rows]
     names = [n for n in ("accuracy", "easy", "normal", "hard") if per_row and all(n in m for m in per_row)]
@@ -355,7 +389,14 @@ def build_report(
                     arr = _metric_arrays(mine, v.name)
                     result["subsets"][s] = dict(rows=len(mine), **_summary(
                         {n: float(a.mean()) for n, a in arr.items()}, _bootstrap(arr, resamples, rng)))
+            lengths = {r["id"]: r["num_tokens"] for r in rows_by_suite[suite].get("variants", []) if "num_tokens" in r}
+            bias = length_bias(rows, v.name, lengths)
+            if bias is not None:
+                result["shorter_wins"] = bias
             entry["variants"][v.name] = result
+        lengths_rows = [r for r in rows_by_suite[suite].get("variants", []) if "num_tokens" in r]
+        if lengths_rows:
+            entry["lengths"] = response_lengths(lengths_rows)
         report["suites"][suite] = entry
     for section, how in SECTIONS.items():
         members = [s for s in suite_order if s in SUITES and SUITES[s].section == section]
@@ -427,7 +468,20 @@ def report_markdown(report: Dict[str, Any]) -> str:
         if suite not in shown:
             _suite_lines(add, suite, entry, subsets=suite not in SUITES)
     out = [f"- `{v}`: {d}" for v, d in report["variants"].items()]
-    text = ["## Accuracy (95% bootstrap interval)", "", *out, "", *lines, "", "## Speed", ""]
+    text = ["## Accuracy (95% bootstrap interval)", "", *out, "", *lines, ""]
+    text += ["## Length preference", "",
+             "Mean response tokens of chosen and rejected responses, how often the chosen one is shorter, and per "
+             "variant how often the shorter response of a pair scores higher (0.5: no length preference).", "",
+             "| suite | chosen tokens | rejected tokens | chosen shorter | " + " | ".join(variants) + " |",
+             "|" + " --- |" * (len(variants) + 4)]
+    for suite, entry in report["suites"].items():
+        if "lengths" not in entry:
+            continue
+        ln = entry["lengths"]
+        bias = [entry["variants"].get(v, {}).get("shorter_wins") for v in variants]
+        text.append(f"| {suite} | {ln['chosen_tokens']:.0f} | {ln['rejected_tokens']:.0f} | {ln['chosen_shorter']:.2f} | "
+                    + " | ".join("" if b is None else f"{b:.2f}" for b in bias) + " |")
+    text += ["", "## Speed", ""]
     text.append("| suite | pass | rows | errors | responses | tokens | seconds | pairs/s | tokens/s |")
     text.append("|" + " --- |" * 9)
     for p in report["passes"]:

@@ -248,3 +248,18 @@ def test_eval_plot_writes_one_png_per_variant(tmp_path, rng):
     for name in ("margins-paper.png", "margins-mean.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_length_preference(rng):
+    rows = []
+    for i in range(20):
+        lengths = [rng.randint(1, 50) for _ in range(6)]
+        rows.append({"id": i, "k": 3, "grid": True, "num_tokens": lengths,
+                     "rewards": {"short": [-n for n in lengths], "long": [float(n) for n in lengths]}})
+    lengths = {r["id"]: r["num_tokens"] for r in rows}
+    assert evaluation.length_bias(rows, "short", lengths) == 1.0
+    assert evaluation.length_bias(rows, "long", lengths) == 0.0
+    stats = evaluation.response_lengths(rows)
+    cells = [(r["num_tokens"][i], r["num_tokens"][3 + j]) for r in rows for i in range(3) for j in range(3)]
+    assert stats["chosen_tokens"] == pytest.approx(sum(c for c, _ in cells) / 180)
+    assert stats["chosen_shorter"] == pytest.approx(sum(c < r for c, r in cells) / 180)

@@ -6,12 +6,11 @@ import gzip
 import json
 import math
 import random
-import shutil
 
 import pytest
-from model_utils import FIXTURE, fixture_model, oracle, random_examples
+from model_utils import fixture_model, oracle, random_examples
 from test_cli import read_jsonl, run_cli, sentence, write_jsonl
-from test_tokenization import CHAT_TEMPLATE
+from test_tokenization import chat_tokenizer  # noqa: F401 (the fixture)
 
 from endokern import EndoRM, evaluation
 from endokern.formats import grid_accuracy, win
@@ -204,17 +203,9 @@ def test_missing_data_and_unknown_suites_are_clear_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chat_rm(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{FIXTURE}/{name}", folder / name)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+def chat_rm(chat_tokenizer):
     model, _ = fixture_model()
-    return EndoRM(model, AutoTokenizer.from_pretrained(folder))
+    return EndoRM(model, chat_tokenizer)
 
 
 def test_judge_scores_the_answer_tokens_of_the_judge_prompt(tmp_path, rng, chat_rm):

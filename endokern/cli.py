@@ -430,29 +430,34 @@ def _add_run_options(p: argparse.ArgumentParser, per_token: bool = False) -> Non
                      help="ray: CPUs per actor, also its torch threads")
 
 
+def _doc(command) -> str:
+    """A command's docstring as argparse help (which %-formats it)."""
+    return " ".join((command.__doc__ or "").split()).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endokern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"endokern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    backends = sub.add_parser("backends", help=cmd_backends.__doc__)
+    backends = sub.add_parser("backends", help=_doc(cmd_backends))
     backends.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     backends.set_defaults(func=cmd_backends)
 
-    score = sub.add_parser("score", help=cmd_score.__doc__)
+    score = sub.add_parser("score", help=_doc(cmd_score))
     _add_run_options(score, per_token=True)
     score.set_defaults(func=cmd_score)
 
-    compare = sub.add_parser("compare", help=cmd_compare.__doc__)
+    compare = sub.add_parser("compare", help=_doc(cmd_compare))
     _add_run_options(compare)
     compare.add_argument("--summary", help="summary JSON (default: beside the output, *.summary.json)")
     compare.set_defaults(func=cmd_compare)
 
-    rank = sub.add_parser("rank", help=cmd_rank.__doc__)
+    rank = sub.add_parser("rank", help=_doc(cmd_rank))
     _add_run_options(rank)
     rank.set_defaults(func=cmd_rank)
 
-    filt = sub.add_parser("filter", help=cmd_filter.__doc__)
+    filt = sub.add_parser("filter", help=_doc(cmd_filter))
     _add_run_options(filt)
     filt.add_argument("--min-reward", type=float, default=None, help="keep rows whose reward is at least this")
     filt.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of rows, best first")
@@ -460,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--plot", metavar="PNG", help="also write a histogram of the rewards (kept vs rejected) here")
     filt.set_defaults(func=cmd_filter)
 
-    expl = sub.add_parser("explain", help=cmd_explain.__doc__)
+    expl = sub.add_parser("explain", help=_doc(cmd_explain))
     _add_model_options(expl)
     expl.add_argument("--prompt", help="the prompt (with --response)")
     expl.add_argument("--response", action="append", default=[],
@@ -475,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the colours show (the HTML page can switch)")
     expl.set_defaults(func=cmd_explain)
 
-    ev = sub.add_parser("eval", help=cmd_eval.__doc__)
+    ev = sub.add_parser("eval", help=_doc(cmd_eval))
     ev.add_argument("--suite", nargs="+", default=["all"],
                     help="suites (rm-bench-chat, rm-bench-code, rm-bench-safety-refuse, llmbar-natural, "
                          "llmbar-adversarial-{neighbor,gptinst,gptout,manual}, hh-rlhf-harmless), groups "

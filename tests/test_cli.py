@@ -274,3 +274,11 @@ def _rows_done(checkpoint):
             return json.load(f)["rows_done"]
     except (OSError, ValueError, KeyError):
         return 0
+
+
+@pytest.mark.parametrize("command", [[], ["score"], ["compare"], ["rank"], ["filter"], ["explain"], ["eval"], ["backends"]])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: endokern" in capsys.readouterr().out

@@ -225,7 +225,8 @@ def test_judge_scores_the_answer_tokens_of_the_judge_prompt(tmp_path, rng, chat_
             # the answer alone, without the end-of-turn token that the template adds after it
             assert out["num_tokens"][0] == len(answer_ids)
             want = chat_rm.score_ids([prompt_ids], [answer_ids])[0].logprob
-            assert reward == pytest.approx(want, rel=1e-6, abs=1e-6)
+            # scored alone here, in a batch of ten in the pass: batch composition moves fp32 results by ~1e-6
+            assert reward == pytest.approx(want, rel=1e-5, abs=1e-5)
     report = evaluation.build_report(passes, variants, resamples=100)
     assert report["suites"]["pairs"]["variants"]["judge"]["rows"] == 5
 

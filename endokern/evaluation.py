@@ -37,7 +37,7 @@ import numpy as np
 
 from . import formats
 from .io import RunWriter, read_rows, write_rows
-from .pipeline import CompareTask, RunStats, run
+from .pipeline import CompareTask, RunStats, file_stem, run
 from .tokenization import Encoded, EncodeError, TextExample
 from .variants import Variant, variant_score
 
@@ -109,10 +109,7 @@ def resolve_suites(names: Sequence[str], data: Optional[str] = None) -> List[Tup
                         f"rm-bench/, llmbar/ and hh-rlhf/"
                     )
             elif os.path.exists(member):
-                stem = os.path.basename(member)
-                for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
-                    stem = stem[: -len(ext)] if stem.endswith(ext) else stem
-                suite, paths = Suite(stem, (member,), None, builtin=False), [os.path.abspath(member)]
+                suite, paths = Suite(file_stem(member), (member,), None, builtin=False), [os.path.abspath(member)]
             else:
                 known = ", ".join(list(GROUPS) + list(SUITES))
                 raise ValueError(f"{member!r} is neither a suite ({known}) nor an existing file")

@@ -148,7 +148,7 @@ def iter_inputs(paths: Sequence[str], num_shards: int, shard_index: int, start: 
         raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {num_shards}, {shard_index}")
     offset, seen = 0, 0
     for path in paths:
-        subset = _stem(path) if len(paths) > 1 else None
+        subset = file_stem(path) if len(paths) > 1 else None
         last = -1
         for item in read_rows(path):
             last = item.index
@@ -162,7 +162,8 @@ def iter_inputs(paths: Sequence[str], num_shards: int, shard_index: int, start: 
         offset += last + 1
 
 
-def _stem(path: str) -> str:
+def file_stem(path: str) -> str:
+    """A data file's name without its data extensions (``a/b.jsonl.gz`` -> ``b``)."""
     name = os.path.basename(path)
     for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
         if name.endswith(ext):

@@ -287,7 +287,7 @@ def plan_inputs(
     Errors are those of one process: a missing file or an unknown extension raises; a JSON array that is not
     valid JSON raises ``ValueError``. ``limit`` keeps the first ``limit`` rows of all inputs together.
     """
-    from ..pipeline import _stem
+    from ..pipeline import file_stem
 
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -300,7 +300,7 @@ def plan_inputs(
         if limit is not None and offset >= limit:
             break  # one process never reads past --limit either
         kind, rows, seeks, size = _scan(path, chunk_rows, None if limit is None else limit - offset)
-        plan = FilePlan(path, kind, _stem(path) if len(paths) > 1 else None, offset, rows, seeks,
+        plan = FilePlan(path, kind, file_stem(path) if len(paths) > 1 else None, offset, rows, seeks,
                         size / rows if size is not None and rows else None)
         files.append(plan)
         for local in range(0, rows, chunk_rows):

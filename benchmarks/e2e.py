@@ -46,6 +46,9 @@ QWEN_CONFIGS = {  # Qwen2.5 shapes (random weights: speed does not depend on the
                          num_key_value_heads=2),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2),
+    # the Qwen2.5 vocabulary on a two-layer body: benchmarks/gpu_check.sh --dry-run runs the GPU steps on a CPU
+    "qwen2.5-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2),
 }
 
 

@@ -9,6 +9,8 @@ the LM head [V, D]:
   triton     endokern backend="triton", on CUDA
   cce        Cut Cross-Entropy's linear_cross_entropy forward (LSE - target logit), on CUDA, if importable
   liger      Liger-Kernel's fused linear cross entropy forward, on CUDA, if importable
+  triton[C]  with --configs C,...: the Triton split kernel with launch config C of
+             endokern.ops.triton_backend.GPU_CANDIDATES (the ablation; also under TRITON_INTERPRET=1 on CPU)
 
 Time is the median of --reps runs after a warm-up (CUDA events on GPU). Peak extra memory is what a
 contender adds on top of its inputs: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the
@@ -17,6 +19,7 @@ counts the C++ kernel's own buffers too (Linux only).
 
     python benchmarks/kernels.py                      # CPU rows of SPEC section 5
     python benchmarks/kernels.py --device cuda        # GPU rows (H100 shapes)
+    python benchmarks/kernels.py --device cuda --shapes 32768:4096:128256 --configs default,128x128,stages4
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def make_inputs(n, d, v, dtype, device, seed=0):
     return hidden, weight, targets
 
 
-def contenders(device: torch.device, softcap):
+def contenders(device: torch.device, softcap, configs=()):
     """name -> callable(hidden, weight, targets), for those that can run here."""
     out = {}
     out["matmul"] = lambda h, w, t: torch.matmul(h, w.T)
@@ -71,6 +74,14 @@ def contenders(device: torch.device, softcap):
     for backend in ("torch", "cpu", "triton"):
         if unavailable_reason(backend, device) is None and not (backend == "triton" and device.type == "cpu"):
             out[backend] = lambda h, w, t, b=backend: endokern.soft_values(h, w, t, softcap=softcap, backend=b)
+    if configs and unavailable_reason("triton", device) is None:
+        from endokern.ops import triton_backend
+
+        for config in configs:
+            cfg = triton_backend.GPU_CANDIDATES[config]
+            out[f"triton[{config}]"] = lambda h, w, t, cfg=cfg: triton_backend.forward(
+                h, w, t, bias=None, alpha=1.0, softcap=softcap, return_entropy=False, config=cfg
+            )
     if device.type == "cuda":
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -87,6 +98,27 @@ def contenders(device: torch.device, softcap):
         except Exception as exc:
             print(f"# liger not run: {exc}", file=sys.stderr)
     return out
+
+
+def loss_of(out):
+    """Per-row ``logsumexp - target logit`` from a contender's output (None for the bare matmul)."""
+    if isinstance(out, torch.Tensor):  # CCE and Liger: the per-row loss; the matmul: logits (no check)
+        return out.float() if out.dim() == 1 else None
+    if hasattr(out, "value"):  # endokern's SoftValues
+        return out.value - out.target_logit
+    value, target_logit = out[:2]  # naive (value, target), triton_backend.forward (value, target, entropy)
+    return value - target_logit
+
+
+def relative_error(fn, args, reference):
+    """Worst |loss - reference| / max(1, |reference|) over rows: every contender must compute the same function."""
+    if reference is None:
+        return None
+    with torch.no_grad():
+        got = loss_of(fn(*args))
+    if got is None:
+        return None
+    return float(((got.double() - reference).abs() / reference.abs().clamp(min=1.0)).max())
 
 
 def time_median(fn, args, device, reps, warmup=1):
@@ -135,7 +167,8 @@ def memory_probe(name, n, d, v, softcap, dtype_name):
     softcap = None if softcap == "None" else float(softcap)
     device = torch.device("cpu")
     args = make_inputs(int(n), int(d), int(v), DTYPES[dtype_name], device)
-    fn = contenders(device, softcap)[name]
+    configs = [name[len("triton["):-1]] if name.startswith("triton[") else ()
+    fn = contenders(device, softcap, configs)[name]
     with torch.no_grad():  # a small call first: library loading is not the kernel's memory
         fn(args[0][:1], args[1][:64], args[2][:1] % 64)
     with open("/proc/self/clear_refs", "w") as f:
@@ -164,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", default=None, help="comma list of bf16, fp32, fp16 (default: bf16,fp32 on CPU)")
     parser.add_argument("--shapes", default=None, help="N:D:V[:softcap],... (default: SPEC section 5)")
     parser.add_argument("--contenders", default=None, help="comma list (default: all that run here)")
+    parser.add_argument("--configs", default=None,
+                        help="comma list of triton_backend.GPU_CANDIDATES names to time side by side (the ablation)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device>-kernels.json)")
@@ -186,16 +221,22 @@ def main(argv=None):
         shapes = CPU_SHAPES if device.type == "cpu" else GPU_SHAPES
 
     rows = []
-    header = f"{'dtype':5s} {'N':>6s} {'D':>5s} {'V':>7s} {'cap':>4s} {'contender':9s} {'time s':>9s} {'TFLOP/s':>8s} " \
-             f"{'x matmul':>8s} {'naive/x':>8s} {'extra MB':>9s} {'mem/naive':>9s}"
+    header = f"{'dtype':5s} {'N':>6s} {'D':>5s} {'V':>7s} {'cap':>4s} {'contender':18s} {'time s':>9s} {'TFLOP/s':>8s} " \
+             f"{'x matmul':>8s} {'naive/x':>8s} {'extra MB':>9s} {'mem/naive':>9s} {'rel err':>8s}"
     print(f"# {device_name(device)}, torch {torch.__version__}")
     print(header)
     for dtype_name in dtype_names:
         for n, d, v, softcap in shapes:
             inputs = make_inputs(n, d, v, DTYPES[dtype_name], device)
-            fns = contenders(device, softcap)
+            fns = contenders(device, softcap, args.configs.split(",") if args.configs else ())
             if args.contenders:
-                fns = {k: f for k, f in fns.items() if k in args.contenders.split(",") or k in ("matmul", "naive")}
+                keep = set(args.contenders.split(",")) | {"matmul", "naive"}
+                fns = {k: f for k, f in fns.items() if k in keep or k.startswith("triton[")}
+            # The reference: endokern's fp32-accumulating torch backend (exact products, fp32 sums).
+            with torch.no_grad():
+                ref = endokern.soft_values(*inputs, softcap=softcap, backend="torch")
+            reference = (ref.value - ref.target_logit).double()
+            del ref
             results = {}
             for name, fn in fns.items():
                 try:
@@ -211,10 +252,17 @@ def main(argv=None):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                results[name] = (seconds, extra)
+                try:
+                    error = relative_error(fn, inputs, reference)
+                except Exception as exc:
+                    print(f"# {name} output not checked: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    error = None
+                if error is not None and not error <= 2e-2:  # bf16 logits (naive, CCE, Liger) round at ~4e-3
+                    print(f"# {name} at {(n, d, v)}: WRONG, relative error {error:.3g}", file=sys.stderr)
+                results[name] = (seconds, extra, error)
             base_t = results.get("matmul", (None,))[0]
-            naive_t, naive_m = results.get("naive", (None, None))
-            for name, (seconds, extra) in results.items():
+            naive_t, naive_m = results.get("naive", (None, None, None))[:2]
+            for name, (seconds, extra, error) in results.items():
                 row = dict(
                     dtype=dtype_name, n=n, d=d, v=v, softcap=softcap, contender=name, seconds=seconds,
                     tflops=2 * n * d * v / seconds / 1e12,
@@ -222,15 +270,16 @@ def main(argv=None):
                     naive_speedup=naive_t / seconds if naive_t else None,
                     extra_bytes=extra,
                     memory_vs_naive=(extra / naive_m) if (extra is not None and naive_m) else None,
+                    relative_error=error,
                 )
                 rows.append(row)
                 fmt = lambda x, f: format(x, f) if x is not None else "-"  # noqa: E731
                 print(
-                    f"{dtype_name:5s} {n:6d} {d:5d} {v:7d} {fmt(softcap, '4.0f'):>4s} {name:9s} {seconds:9.4f} "
+                    f"{dtype_name:5s} {n:6d} {d:5d} {v:7d} {fmt(softcap, '4.0f'):>4s} {name:18s} {seconds:9.4f} "
                     f"{row['tflops']:8.2f} {fmt(row['ratio_to_matmul'], '8.2f'):>8s} "
                     f"{fmt(row['naive_speedup'], '8.2f'):>8s} "
                     f"{fmt(extra / 2**20 if extra is not None else None, '9.1f'):>9s} "
-                    f"{fmt(row['memory_vs_naive'], '9.4f'):>9s}",
+                    f"{fmt(row['memory_vs_naive'], '9.4f'):>9s} {fmt(error, '8.1e'):>8s}",
                     flush=True,
                 )
             del inputs

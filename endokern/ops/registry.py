@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Optional
 
 import torch
 
 BACKENDS = ("triton", "cpu", "torch")
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run under its CPU interpreter (set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
@@ -25,7 +19,7 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
 
         if triton_backend.IMPORT_ERROR is not None:
             return f"triton is not importable: {triton_backend.IMPORT_ERROR}"
-        if device is not None and device.type == "cpu" and not triton_interpreting():
+        if device is not None and device.type == "cpu" and not triton_backend.triton_interpreting():
             return "triton runs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before importing triton"
         if device is not None and device.type not in ("cuda", "cpu"):
             return f"triton does not run {device.type} tensors"

@@ -1,12 +1,20 @@
 """Triton backend: one fused pass over ``hidden x weight^T`` with an online logsumexp.
 
-Grid: (row blocks) x (vocabulary splits). Each program walks its split of the vocabulary in tiles of
-BLOCK_N columns; for each tile it accumulates ``hidden[rows] @ weight[cols]^T`` in fp32 over D, applies
-bias and softcap to the tile, picks up the target logits, and folds the tile into a running
-(max, sum, entropy sum) per row, in base 2 with ``log2(e) / alpha`` folded into one scale. The
-partials of every split go to a small fp32 buffer ``[4, num_splits, N]`` that a second kernel merges
-in split order: deterministic, no atomics. The split size depends on the vocabulary only, never on N,
-so a row's bits do not depend on the batch; small N still fills the GPU through the splits.
+Work is split into (row block, vocabulary split) programs. Each program walks its split of the
+vocabulary in tiles of BLOCK_N columns; for each tile it accumulates ``hidden[rows] @ weight[cols]^T``
+in fp32 over D, applies bias and softcap to the tile, picks up the target logits, and folds the tile
+into a running (max, sum, entropy sum) per row, in base 2 with ``log2(e) / alpha`` folded into one
+scale. The partials of every split go to a small fp32 buffer ``[4, num_splits, N]`` that a second
+kernel merges in split order: deterministic, no atomics. The split size depends on the vocabulary
+only, never on N, so a row's bits do not depend on the batch; small N still fills the GPU through the
+splits.
+
+Launch order (L2 reuse): the grid is one-dimensional and program ids are grouped: GROUP_M row blocks
+form a group, and within a group the row block varies fastest, then the split. With GROUP_M = 1 the
+split varies fastest, so the programs resident at one time share a few hidden blocks (re-read for
+every vocabulary tile, they stay in L2) and stream the head's tiles once per group of row blocks.
+``benchmarks/l2_model.py`` models the HBM traffic of each order; ``benchmarks/NOTES.md`` says why the
+defaults are what they are.
 
 Under ``TRITON_INTERPRET=1`` the same source runs on CPU tensors; there tiles are upcast to fp32
 (the interpreter's bf16 ``tl.dot`` is wrong) and one small fixed config is used.
@@ -14,6 +22,7 @@ Under ``TRITON_INTERPRET=1`` the same source runs on CPU tensors; there tiles ar
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,11 +37,14 @@ except Exception as exc:  # ImportError, or a broken install
     tl = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-from .registry import triton_interpreting
-
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 STATS = 4  # per split and row: max, sum, entropy sum (base 2, relative to max), target logit
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run under its CPU interpreter (set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class KernelConfig(NamedTuple):
@@ -42,18 +54,42 @@ class KernelConfig(NamedTuple):
     split_tiles: int  # vocabulary tiles per split: split size = split_tiles * block_n
     num_warps: int
     num_stages: int
+    group_m: int = 1  # row blocks per launch group; 1: the split varies fastest (see the module docstring)
+    maxnreg: Optional[int] = None  # register cap per thread (e.g. 128: two blocks per SM), None: the compiler's
+    flatten: bool = False  # one flattened (tile, k) loop, so loads of the next tile overlap the epilogue
     # Interpreter only: products summed over K in index order instead of tl.dot, whose numpy/BLAS
     # version gives a row different bits at different positions in a tile. Tests also run tl.dot there.
     broadcast_dot: bool = False
 
+    @property
+    def split_size(self) -> int:
+        return self.split_tiles * self.block_n
 
-def kernel_config(device: torch.device, dtype: torch.dtype, d: int) -> KernelConfig:
+
+# Launch configs that the GPU check compiles and times side by side (benchmarks/gpu_check.sh); "default"
+# is what kernel_config returns for half inputs on CUDA. Each compiles for sm_90 with no spills
+# (tests/ops/test_triton_compile.py); benchmarks/NOTES.md has their registers, shared memory and the L2
+# model's traffic, and why 64 x 256 is the default (128 x 128 spills with bias + softcap + entropy; larger
+# tiles spill hundreds of bytes without warp specialization).
+GPU_CANDIDATES = {
+    "default": KernelConfig(64, 256, 64, 32, 8, 3, group_m=32),
+    "split-fastest": KernelConfig(64, 256, 64, 32, 8, 3, group_m=1),
+    "group8": KernelConfig(64, 256, 64, 32, 8, 3, group_m=8),
+    "rows-fastest": KernelConfig(64, 256, 64, 32, 8, 3, group_m=1 << 30),
+    "stages4": KernelConfig(64, 256, 64, 32, 8, 4, group_m=32),
+    "flatten": KernelConfig(64, 256, 64, 32, 8, 3, group_m=32, flatten=True),
+    "128x128": KernelConfig(128, 128, 64, 64, 8, 3, group_m=8),  # the tile before, in the new order
+    "2-per-sm": KernelConfig(64, 128, 64, 64, 4, 3, group_m=32),  # 128 threads x 255 registers x 2 fit
+}
+
+
+def kernel_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
     """One fixed config per device kind and dtype; never a function of N (row independence)."""
     if device.type == "cpu":  # interpreter: small tiles keep numpy fast and exercise every mask
         return KernelConfig(16, 32, 16, 8, 1, 1, broadcast_dot=True)
     if dtype == torch.float32:
-        return KernelConfig(64, 128, 32, 64, 8, 3)
-    return KernelConfig(128, 128, 64, 64, 8, 3)
+        return KernelConfig(64, 128, 32, 64, 8, 3)  # ieee fp32 (or tf32) dot: no spills on sm_80 or sm_90
+    return GPU_CANDIDATES["default"]
 
 
 if triton is not None:
@@ -61,22 +97,32 @@ if triton is not None:
     def _tanh(x):
         # tanh from exp2 of a non-positive argument: no overflow, exact sign.
         e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # 2^(-2|x| log2 e) = e^(-2|x|)
-        t = (1.0 - e) / (1.0 + e)
+        t = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # 2-ulp division: no IEEE slow path, fewer registers
         return tl.where(x < 0, -t, t)
 
-    @triton.jit
+    # Sizes other than D are never specialized: Triton's JIT turns an integer argument equal to 1 into a
+    # constant (the kernels do int64 arithmetic on them) and compiles another kernel for it, for no gain.
+    # D and the strides stay specialized: a unit stride, and D and strides divisible by 16, give the wide,
+    # aligned loads that the software pipeline (cp.async / TMA-free wgmma operands) needs.
+    @triton.jit(do_not_specialize=["n_rows", "vocab", "num_splits", "split_size", "group_m"])
     def _soft_values_split_kernel(
         hidden_ptr, weight_ptr, bias_ptr, targets_ptr, partial_ptr,
         n_rows, vocab, dim,
         stride_hn, stride_hd, stride_wv, stride_wd,
-        split_size, scale, softcap,
+        num_splits, split_size, group_m, scale, softcap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BROADCAST_DOT: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BROADCAST_DOT: tl.constexpr, FLATTEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        num_splits = tl.num_programs(1)
+        # Grouped launch order: group_m row blocks per group, row block fastest within it, then the split.
+        pid = tl.program_id(0)
+        per_group = group_m * num_splits
+        group = pid // per_group
+        first_m = group * group_m
+        group_size = tl.minimum(tl.cdiv(n_rows, BLOCK_M) - first_m, group_m)
+        in_group = pid - group * per_group
+        pid_m = first_m + in_group % group_size
+        pid_s = in_group // group_size
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -90,7 +136,7 @@ if triton is not None:
 
         v_start = pid_s * split_size
         v_end = tl.minimum(v_start + split_size, vocab)
-        for v0 in range(v_start, v_end, BLOCK_N):
+        for v0 in tl.range(v_start, v_end, BLOCK_N, flatten=FLATTEN):
             cols = v0 + tl.arange(0, BLOCK_N)
             col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
@@ -123,14 +169,16 @@ if triton is not None:
             hit = cols[None, :] == target[:, None]
             target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
 
-            u = tl.where(col_ok[None, :], z * scale, -float("inf"))  # base-2 logits over alpha
+            # Base-2 logits over alpha. Columns past the split get a finite floor, not -inf: their p is 0 and
+            # p * (u - max) stays 0 without a second mask (every tile has at least one real column).
+            u = tl.where(col_ok[None, :], z * scale, -1.0e30)
             new_max = tl.maximum(run_max, tl.max(u, axis=1))
             shift = run_max - new_max
             rescale = tl.exp2(shift)
             u_shifted = u - new_max[:, None]
             p = tl.exp2(u_shifted)
             if WITH_ENTROPY:
-                tile_ent = tl.sum(p * tl.where(col_ok[None, :], u_shifted, 0.0), axis=1)
+                tile_ent = tl.sum(p * u_shifted, axis=1)
                 run_ent = rescale * (run_ent + run_sum * shift) + tile_ent
             run_sum = run_sum * rescale + tl.sum(p, axis=1)
             run_max = new_max
@@ -142,7 +190,7 @@ if triton is not None:
         tl.store(out + 2 * plane, run_ent, mask=row_ok)
         tl.store(out + 3 * plane, target_logit, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "num_splits"])
     def _merge_splits_kernel(
         partial_ptr, value_ptr, target_ptr, entropy_ptr,
         n_rows, num_splits, value_scale,  # value = alpha * ln(2) * (max + log2(sum))
@@ -192,24 +240,26 @@ def forward(
     v = weight.shape[0]
     device = hidden.device
     interpreting = triton_interpreting()
-    cfg = config or kernel_config(device, hidden.dtype, d)
-    split_size = cfg.split_tiles * cfg.block_n
-    num_splits = triton.cdiv(v, split_size)
+    cfg = config or kernel_config(device, hidden.dtype)
+    num_splits = triton.cdiv(v, cfg.split_size)
+    row_blocks = triton.cdiv(n, cfg.block_m)
 
     partial = torch.empty((STATS, num_splits, n), dtype=torch.float32, device=device)
     if hidden.dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:
         precision = "ieee"
-    _soft_values_split_kernel[(triton.cdiv(n, cfg.block_m), num_splits)](
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None and not interpreting:
+        launch["maxnreg"] = cfg.maxnreg
+    _soft_values_split_kernel[(row_blocks * num_splits,)](
         hidden, weight, bias if bias is not None else partial, targets, partial,
         n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        split_size, LOG2E / alpha, float(softcap or 1.0),
+        num_splits, cfg.split_size, min(cfg.group_m, row_blocks), LOG2E / alpha, float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=return_entropy,
         UPCAST=interpreting, DOT_PRECISION=precision, BROADCAST_DOT=cfg.broadcast_dot and interpreting,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FLATTEN=cfg.flatten, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
     )
     value = torch.empty(n, dtype=torch.float32, device=device)
     target_logit = torch.empty_like(value)

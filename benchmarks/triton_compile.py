@@ -10,6 +10,7 @@ memory (spills), shared memory, instruction counts, and whether the matmul uses 
     python benchmarks/triton_compile.py                    # the full matrix, a table
     python benchmarks/triton_compile.py --json out.json    # also every record as JSON (the CI test reads it)
     python benchmarks/triton_compile.py --quick            # fewer cases
+    python benchmarks/triton_compile.py --summary out.json # the markdown tables of benchmarks/NOTES.md, from a run
 
 Run it without ``TRITON_INTERPRET`` (it refuses to run under the interpreter: the JIT then never compiles).
 """
@@ -213,11 +214,37 @@ def cases(quick: bool):
 WORKDIR = Path(os.environ.get("TMPDIR", "/tmp")) / f"endokern-aot-{os.getpid()}"
 
 
+def summary(data) -> str:
+    """Markdown: the split kernel at the Llama 3 head per target, dtype and options; then the launch candidates."""
+    recs = [r for r in data["records"] if not r["error"] and r["kernel"] == "_soft_values_split_kernel"
+            and r["shape"] == "llama3-8b"]
+    head = ("| target | dtype | options | tile | registers | spills (B) | shared KB | SASS instructions | MMA | "
+            "MUFU.EX2 |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+
+    def line(r, label):
+        feat = "+".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "plain"
+        mma = f"{r['hgmma']} HGMMA" if r["hgmma"] else (f"{r['hmma']} HMMA" if r["hmma"] else "FMA")
+        shared = (r["dynamic_shared_bytes"] + r["static_shared_bytes"]) / 1024
+        return (f"| sm_{r['arch']} | {r['dtype']} | {feat} | {label} | {r['registers']} | {r['stack_bytes']} | "
+                f"{shared:.0f} | {r['instructions']} | {mma} | {r['ex2']} |")
+
+    out = [f"Triton {data['triton']}, split kernel at N=32768, D=4096, V=128256 (the merge kernel: 32 registers):",
+           "", head]
+    out += [line(r, r["block"] + f" s{r['num_stages']}") for r in recs if r["config"] == "auto"]
+    out += ["", f"Launch-config candidates (sm_90, bf16), Triton {data['triton']}:", "", head]
+    out += [line(r, r["config"]) for r in recs if r["config"] != "auto"]
+    return "\n".join(out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--summary", type=Path, help="print the markdown tables of a --json file and exit")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (N = 1, V <= 8192, the SPEC heads)")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())))
+        return 0
     WORKDIR.mkdir(parents=True, exist_ok=True)
     records = []
     start = time.perf_counter()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import sys
@@ -32,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from kernels import device_name  # noqa: E402
+from contenders import device_name  # noqa: E402
 
 from endokern import EndoRM  # noqa: E402
 from endokern.assets import DEFAULT_MODEL  # noqa: E402
@@ -153,6 +152,41 @@ def timed(fn, device):
     return result, seconds, mem.extra
 
 
+def build(device, *, model=DEFAULT_MODEL, config=None, dtype=None, batch_tokens=None, pairs=256, examples=1024,
+          data=SHARED):
+    """(EndoRM, encoded examples, label, unit): a random-weight Qwen2.5 shape (config) or a real model on LLMBar."""
+    torch.manual_seed(0)
+    if config:
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        qwen = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                           rope_theta=1e6, rms_norm_eps=1e-6, **QWEN_CONFIGS[config])
+        rm = EndoRM(AutoModelForCausalLM.from_config(qwen, dtype=dtype).to(device), batch_tokens=batch_tokens)
+        return rm, random_examples(examples, qwen.vocab_size), config, "examples"
+    rm = EndoRM.from_pretrained(model, device=device, dtype=dtype, batch_tokens=batch_tokens)
+    return rm, llmbar_pairs(rm, Path(data), pairs), model, "pairs"
+
+
+def best_naive_batch(rm, encoded, batch_sizes, device) -> int:
+    """hf-naive's fastest batch size on a warm-up subset of mixed lengths (also warms EndoRM up)."""
+    warm = encoded[:: max(1, len(encoded) // 32)][:32]
+    rm.score_encoded(warm)
+    best_bs, best_rate = None, 0.0
+    for bs in batch_sizes:
+        try:
+            _, s, _ = timed(lambda: naive_logprobs(rm.model, warm, bs, device), device)
+        except torch.OutOfMemoryError:
+            print(f"  hf-naive batch {bs}: out of memory", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        rate = sum(e.length for e in warm) / s
+        print(f"  hf-naive batch {bs}: {rate:,.0f} tokens/s on the warm-up subset", flush=True)
+        if rate > best_rate:
+            best_bs, best_rate = bs, rate
+    return best_bs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -167,42 +201,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/<device>-e2e-<model>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-
-    if args.config:
-        from transformers import AutoModelForCausalLM, Qwen2Config
-
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                             rope_theta=1e6, rms_norm_eps=1e-6, **QWEN_CONFIGS[args.config])
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
-        rm = EndoRM(model, batch_tokens=args.batch_tokens)
-        encoded = random_examples(args.examples, config.vocab_size)
-        label, unit = args.config, "examples"
-    else:
-        rm = EndoRM.from_pretrained(args.model, device=device, dtype=args.dtype, batch_tokens=args.batch_tokens)
-        encoded = llmbar_pairs(rm, Path(args.data), args.pairs)
-        label, unit = args.model, "pairs"
+    rm, encoded, label, unit = build(device, model=args.model, config=args.config, dtype=args.dtype,
+                                     batch_tokens=args.batch_tokens, pairs=args.pairs, examples=args.examples,
+                                     data=Path(args.data))
     units = len(encoded) // 2 if unit == "pairs" else len(encoded)
     tokens = sum(e.length for e in encoded)
     print(f"{label} on {device_name(device)}: {units} {unit}, {len(encoded)} sequences, {tokens} tokens, "
           f"dtype {rm.head.weight.dtype}, packing {rm.packing}", flush=True)
-
-    # hf-naive's best batch size, on a warm-up subset of mixed lengths
-    warm = encoded[:: max(1, len(encoded) // 32)][:32]
-    rm.score_encoded(warm)
-    best_bs, best_rate = None, 0.0
-    for bs in [int(b) for b in args.naive_batches.split(",")]:
-        try:
-            _, s, _ = timed(lambda: naive_logprobs(rm.model, warm, bs, device), device)
-        except torch.OutOfMemoryError:
-            print(f"  hf-naive batch {bs}: out of memory", flush=True)
-            torch.cuda.empty_cache()
-            continue
-        rate = sum(e.length for e in warm) / s
-        print(f"  hf-naive batch {bs}: {rate:,.0f} tokens/s on the warm-up subset", flush=True)
-        if rate > best_rate:
-            best_bs, best_rate = bs, rate
+    best_bs = best_naive_batch(rm, encoded, [int(b) for b in args.naive_batches.split(",")], device)
 
     ours, ours_s, ours_mem = timed(lambda: rm.score_encoded(encoded), device)
     naive, naive_s, naive_mem = timed(lambda: naive_logprobs(rm.model, encoded, best_bs, device), device)

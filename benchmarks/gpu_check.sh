@@ -2,7 +2,7 @@
 # The one-call GPU check: on a lent GPU machine with no network, in well under 8 minutes, from the source tree
 # (no install, no C++ build):
 #   1. tests/ops/test_soft_values.py on CUDA (every test, not only -m gpu)           -> tests.txt
-#   2. benchmarks/kernels.py at the SPEC shapes: bare matmul, naive, torch, triton,
+#   2. benchmarks/test_kernels.py (pytest-benchmark) at the SPEC shapes: bare matmul, naive, torch, triton,
 #      Cut Cross-Entropy and Liger (their wheels carried in .whl/)                    -> kernels.{json,txt}
 #   3. the launch-config ablation of triton_backend.GPU_CANDIDATES, N=32768 D=4096 V=128256 -> ablation.{json,txt}
 #   4. benchmarks/e2e.py --device cuda --config qwen2.5-0.5b --examples 512          -> e2e.{json,txt}
@@ -45,14 +45,14 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a timeout, tee its output
 if [ $DRY -eq 1 ]; then
     export TRITON_INTERPRET=1
     DEV=cpu
-    SHAPES="64:32:700,5:48:1000:30"
+    QUICK=1
     ABLATION="37:40:1500"
     CONFIGS=default,128x128
     E2E=(--config qwen2.5-tiny --examples 8 --naive-batches 1,2)
     TEST_LIMIT=900 TESTK=(-k "triton and not simd")
 else
     DEV=cuda
-    SHAPES=""
+    QUICK=""
     ABLATION="32768:4096:128256"
     CONFIGS=$($PY -c "from endokern.ops.triton_backend import GPU_CANDIDATES as c; print(','.join(c))")
     E2E=(--config qwen2.5-0.5b --examples 512)
@@ -71,13 +71,13 @@ fi
 
 step tests "$TEST_LIMIT" "$OUT/tests.txt" \
     $PY -m pytest -q -p no:cacheprovider tests/ops/test_soft_values.py "${TESTK[@]}"
-step kernels 150 "$OUT/kernels.txt" \
-    $PY benchmarks/kernels.py --device $DEV ${SHAPES:+--shapes $SHAPES} --dtypes bf16 --reps 5 --out "$OUT/kernels.json" \
-    ${SHAPES:+--configs default}
-step ablation 100 "$OUT/ablation.txt" \
+step kernels 170 "$OUT/kernels.txt" \
+    env ${QUICK:+ENDOKERN_BENCH_QUICK=1} $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k "$DEV-" \
+    --benchmark-group-by=group --benchmark-columns=median,min,rounds --benchmark-json="$OUT/kernels.json"
+step ablation 90 "$OUT/ablation.txt" \
     $PY benchmarks/kernels.py --device $DEV --shapes "$ABLATION" --dtypes bf16 --reps 5 --no-memory \
     --contenders matmul --configs "$CONFIGS" --out "$OUT/ablation.json"
-step e2e 90 "$OUT/e2e.txt" \
+step e2e 80 "$OUT/e2e.txt" \
     $PY benchmarks/e2e.py --device $DEV "${E2E[@]}" --out "$OUT/e2e.json"
 
 rm -rf "$SITE"

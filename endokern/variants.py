@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 from .model import ScoreResult
-from .reward import REDUCTIONS, TERMINALS
+from .settings import REDUCTIONS, TERMINALS
 
 ONE_PASS = ("paper", "mean", "bootstrap", "gamma=0.93", "loglik", "loglik-mean")
 DEFAULT_VARIANTS = ONE_PASS + ("judge",)

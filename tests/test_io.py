@@ -77,11 +77,12 @@ def test_read_json_array_gz_with_leading_space_and_non_objects(tmp_path):
     ]
 
 
-def test_read_shared_benchmark_arrays():
-    rm_bench = Path("/work/shared/data/rm-bench/chat_filtered.json")
-    llmbar = Path("/work/shared/data/llmbar/LLMBar__Natural.json")
-    if not (rm_bench.exists() and llmbar.exists()):
-        pytest.skip("the shared RM-Bench / LLMBar files are not on this machine")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def test_read_benchmark_arrays():
+    rm_bench = EXAMPLES / "rm-bench-sample.json"  # the samples shipped with the project: JSON arrays of objects
+    llmbar = EXAMPLES / "LLMBar__Natural-sample.json"
     rows = list(read_rows(str(rm_bench)))
     assert len(rows) == len(json.loads(rm_bench.read_text(encoding="utf-8")))
     assert all(r.error is None and {"prompt", "chosen", "rejected"} <= r.row.keys() for r in rows)
@@ -179,6 +180,10 @@ def test_errors_path_for():
     assert errors_path_for("out.parquet") == "out.errors.jsonl"
     assert errors_path_for("out.v2.ndjson") == "out.v2.errors.jsonl"
     assert errors_path_for("-") == "-"
+    # one rule for every engine and file: extensions in any case; a folder (a Ray output) gets the suffix appended
+    assert errors_path_for("out.JSONL") == "out.errors.jsonl" and errors_path_for("o.Parquet") == "o.errors.jsonl"
+    assert errors_path_for("scores.v2") == "scores.v2.errors.jsonl"
+    assert eio.beside("runs/out.jsonl.gz", ".summary.json") == "runs/out.summary.json"
 
 
 WRITE_ROWS = [

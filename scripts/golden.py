@@ -33,7 +33,7 @@ HH = os.path.join(os.environ.get("ENDOKERN_DATA", os.path.join(ROOT, "..", "shar
 WORDS = "the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was went".split()
 TIMING = re.compile(r"\d[\d,]*(\.\d+)? (s\b|rows/s|responses/s|tokens/s)")
 SPEED_ROW = re.compile(r"^(\| [^|]+ \| (variants|judge) \|.*?)(\|[^|]*){3}\|$")  # eval's speed table: s, rows/s, tok/s
-NOISE = ("Loading weights", "\x1b[", "core_worker", "it/s]")  # model loading bars, Ray's own logs
+NOISE = ("Loading weights", "\x1b[", "core_worker", "it/s]", "authentication_token")  # loading bars, Ray logs
 TIMING_KEYS = ("seconds", "rows_per_s", "examples_per_s", "tokens_per_s", "first_chunk_s", "s", "time_s", "wall_s")
 
 

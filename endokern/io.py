@@ -1,9 +1,18 @@
-"""Streaming readers and crash-safe, resumable writers for the ``score``, ``compare``, ``rank`` and ``filter`` commands.
+"""Streaming readers and crash-safe, resumable writers for the ``score``, ``compare``, ``rank`` and ``filter`` runs.
 
 Reading: :func:`read_rows` streams the rows of JSON Lines (plain or gzip), Parquet, JSON-array files or stdin,
 one shard of them, from a given shard row on, with bad rows reported as error rows instead of exceptions.
+:func:`read_inputs` numbers the rows of several inputs one after another (the one row numbering: blank lines are
+not rows, :func:`numbered_lines`); :func:`plan_inputs` cuts them into chunks by the same numbering for an engine
+that reads chunks out of order.
 
-Writing: :class:`RunWriter` appends each chunk's results to one or more output streams and records how far it
+Naming: :func:`beside` is the one rule for the files next to an output (errors, summary, rejected rows).
+
+Writing, two resumable writers sharing :func:`atomic_write` and :func:`check_run_key`: :class:`RunWriter` (one file
+per stream, a checkpoint) for a run that commits chunks in order, :class:`PartsWriter` (a folder of Parquet parts per
+stream, a journal) for one whose chunks finish in any order.
+
+:class:`RunWriter` appends each chunk's results to one or more output streams and records how far it
 got in a checkpoint sidecar (``<first stream path>.progress.json``). The order of operations makes a run killed at
 any moment (``kill -9``) and restarted with the same arguments end with exactly the output of a run never killed:
 

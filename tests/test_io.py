@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import endokern.io as eio
 from endokern.io import InputRow, RunWriter, errors_path_for, read_rows, write_rows
@@ -501,3 +502,76 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path):
     indices = [json.loads(line)["index"] for line in (killed / "out.jsonl").read_text().splitlines()]
     assert indices == [i for i in range(1, 1200, 2) if i % 37]  # no duplicate, no lost row
     assert not (killed / "out.parquet.parts").exists()
+
+
+# ------------------------------------------------------------------------------------- several inputs, parts folders
+
+
+def _random_inputs(tmp_path, gen):
+    """Two or three inputs of random sizes in random formats, with blank lines, a BOM and a bad line."""
+    paths = []
+    for k in range(int(torch.randint(2, 4, (1,), generator=gen))):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        rows = [{"k": k, "i": i} for i in range(n)]
+        kind = ["jsonl", "jsonl.gz", "parquet", "json"][int(torch.randint(0, 4, (1,), generator=gen))]
+        path = str(tmp_path / f"in{k}.{kind}")
+        if kind == "parquet":
+            write_rows(path, rows)
+        elif kind == "json":
+            Path(path).write_text(json.dumps(rows))
+        else:
+            lines = [json.dumps(r) for r in rows]
+            lines.insert(int(torch.randint(0, n, (1,), generator=gen)), "")  # a blank line is not a row
+            lines[-1] = "{bad json"
+            data = ("\ufeff" + "\n".join(lines) + "\n").encode()
+            with (gzip.open if kind.endswith("gz") else open)(path, "wb") as f:
+                f.write(data)
+        paths.append(path)
+    return paths
+
+
+def test_plan_numbers_chunks_as_the_streaming_reader_numbers_rows(tmp_path, gen):
+    paths = _random_inputs(tmp_path, gen)
+    streamed = list(eio.read_inputs(paths))
+    assert [item.index for item, _ in streamed] == list(range(len(streamed)))
+    chunk_rows = int(torch.randint(1, 12, (1,), generator=gen))
+    limit = None if bool(torch.rand((), generator=gen) < 0.5) else int(torch.randint(1, len(streamed) + 5, (1,), generator=gen))
+    files, chunks = eio.plan_inputs(paths, chunk_rows, limit)
+    expected = streamed[:limit] if limit is not None else streamed
+    assert sum(c.rows for c in chunks) == len(expected)
+    for c in chunks:
+        plan = files[c.file]
+        local = c.first - plan.offset
+        if plan.kind == "jsonl":
+            got = list(eio.jsonl_rows_from(plan.path, plan.seeks[local // chunk_rows], local))[: c.rows]
+        else:
+            got = list(eio.read_rows(plan.path, start=local))[: c.rows]
+        for item, (want, subset) in zip(got, expected[c.first : c.first + c.rows]):
+            assert plan.offset + item.index == want.index and item.row == want.row and item.error == want.error
+            assert plan.subset == subset
+
+
+def test_parts_writer_resumes_what_is_whole_and_refuses_other_runs(tmp_path, gen):
+    out, state = tmp_path / "out", tmp_path / "out" / eio.PARTS_STATE_DIR
+    chunks = [eio.Chunk(0, 3, 0), eio.Chunk(3, 3, 0), eio.Chunk(6, 2, 0)]
+    key = {"alpha": float(torch.rand((), generator=gen))}
+    writer = eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), key, False)
+    assert writer.settle(chunks) == {}
+    for c in chunks[:2]:
+        writer.commit(c.first, c.rows, {"output": [{"id": c.first + i} for i in range(c.rows)],
+                                        "errors": [{"row": c.first, "reason": "x"}]}, c.rows, 10)
+    os.remove(out / eio.part_name(3))  # a part lost after its journal line
+    (out / eio.part_name(6)).write_bytes(b"half")  # a part written before a kill, not journaled
+    with open(state / eio.PARTS_JOURNAL, "ab") as f:
+        f.write(b'{"chunk": 6, "ro')  # half a journal line
+    again = eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), key, False)
+    done = again.settle(chunks)
+    assert sorted(done) == [0] and [os.path.basename(p) for p in eio.part_files(str(out))] == [eio.part_name(0)]
+    assert again.write_errors(done) == 1
+    with pytest.raises(ValueError, match="alpha"):
+        eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), {"alpha": -1}, False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other files"):
+        eio.PartsWriter(str(tmp_path / "foreign" / "_endokern"), {"output": str(tmp_path / "foreign")},
+                        str(tmp_path / "f.errors.jsonl"), key, False)

@@ -11,8 +11,7 @@ from model_utils import FIXTURE, assert_close_to_oracle, fixture_model, oracle, 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import endokern.model as model_module
-from endokern import batching
-from endokern import EndoRM
+from endokern import EndoRM, batching
 
 
 def make_rm(**kwargs):

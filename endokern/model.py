@@ -9,6 +9,7 @@ results in input order.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -68,7 +69,13 @@ class LMHead:
 
 
 class EndoRM:
-    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3)."""
+    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3).
+
+    Options: ``alpha``, ``gamma``, ``terminal``, ``reduce`` (SPEC section 1, checked by
+    :func:`endokern.settings.check_reward`), ``backend`` (of ``soft_values``), ``packing`` and ``share_prompts``
+    (``"auto"``, True or False: padding-free batches, one forward per shared prompt), ``batch_tokens`` (tokens per
+    forward batch), ``verify_head`` (the load-time probe of the LM head).
+    """
 
     def __init__(
         self,
@@ -123,22 +130,20 @@ class EndoRM:
         *,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
-        alpha: float = 1.0,
-        gamma: float = 1.0,
-        terminal: str = "zero",
-        reduce: str = "sum",
-        backend: str = "auto",
-        packing: Union[str, bool] = "auto",
-        batch_tokens: Optional[int] = None,
-        share_prompts: Union[str, bool] = "auto",
         cache_dir: Optional[str] = None,
-        **hf_kwargs,
+        **kwargs,
     ) -> "EndoRM":
         """Load a causal LM (a local folder, a hub id, a ``.gguf`` file, or a name of :mod:`endokern.assets`).
 
-        ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. A ``.gguf`` file is dequantized once and
-        cached as safetensors (``cache_dir``, default ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
+        ``kwargs`` holds this class's options (``alpha``, ``gamma``, ``terminal``, ``reduce``, ``backend``,
+        ``packing``, ``batch_tokens``, ``share_prompts``, ``verify_head``: see :class:`EndoRM`); any other keyword
+        goes to ``AutoModelForCausalLM.from_pretrained``. ``dtype`` defaults to bfloat16 on CUDA and float32
+        elsewhere. A ``.gguf`` file is dequantized once and cached as safetensors (``cache_dir``, default
+        ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
         """
+        options = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer"}
+        rm_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in options}
+        hf_kwargs = kwargs
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .assets import resolve_model
@@ -153,10 +158,7 @@ class EndoRM:
                 hf_kwargs["attn_implementation"] = "flash_attention_2"
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
-        return cls(
-            model, tokenizer, alpha=alpha, gamma=gamma, terminal=terminal, reduce=reduce, backend=backend,
-            packing=packing, batch_tokens=batch_tokens, share_prompts=share_prompts,
-        )
+        return cls(model, tokenizer, **rm_kwargs)
 
     @classmethod
     def from_settings(cls, settings: Settings, **hf_kwargs) -> "EndoRM":

@@ -130,8 +130,8 @@ def test_model_kwargs_are_from_pretrained_s():
 
     settings = Settings(packing="off", dtype="float16", alpha=0.5)
     kwargs = settings.model_kwargs()
-    accepted = inspect.signature(EndoRM.from_pretrained).parameters
-    assert set(kwargs) <= set(accepted)
+    accepted = set(inspect.signature(EndoRM.__init__).parameters) | {"device", "dtype"}
+    assert set(kwargs) <= accepted
     assert kwargs["packing"] is PACKINGS["off"] is False and kwargs["alpha"] == 0.5 and kwargs["dtype"] == "float16"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from . import io
@@ -36,8 +36,7 @@ class RunResult:
     paths: Dict[str, str]
     summary: Optional[Dict[str, Any]] = None  # compare: accuracy overall and per subset
     filtered: Optional[Dict[str, Any]] = None  # filter --top-fraction: kept, scored, threshold
-    already_complete: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
+    already_complete: bool = False  # the output was complete before the call: nothing was scored, no model loaded
 
 
 def paths(settings: Settings) -> Dict[str, str]:
@@ -82,7 +81,7 @@ def run(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> Run
         result = _run_local(settings, files, rm, top_fraction, log)
         rows_of = _file_rows
     if settings.command == "compare":
-        if result.extra.pop("stdout_compare", False):
+        if files["output"] == "-":  # (the local engine only: a Ray run writes a folder)
             log("endokern: the summary needs a file output (--output) to read the rows back")
             return result
         result.summary = write_summary(rows_of(files["output"]), files["errors"], result.stats, files["summary"])
@@ -110,8 +109,9 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
         streams["rejected"] = files["rejected"]
     streams["errors"] = files["errors"]
     writer = io.RunWriter(streams, run_key=settings.run_key(), overwrite=settings.overwrite)
+    already_complete = writer.complete
     try:
-        if writer.complete:
+        if already_complete:
             log(f"endokern: {streams['output']} is already complete (use --overwrite to redo it)")
             stats = RunStats(resumed_from=writer.rows_done)
         else:
@@ -125,9 +125,7 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
     finally:
         writer.close()
     report(stats, {"errors": files["errors"]}, log)
-    result = RunResult(stats, files, already_complete=writer.complete and not stats.rows)
-    result.extra["stdout_compare"] = settings.output == "-"
-    return result
+    return RunResult(stats, files, already_complete=already_complete)
 
 
 def _file_rows(path: str) -> Iterator[dict]:

@@ -99,6 +99,8 @@ class Scorer:
         import torch
 
         if settings is None:
+            if isinstance(options.get("packing"), bool):  # EndoRM's spelling of the command line's on / off
+                options["packing"] = "on" if options["packing"] else "off"
             settings = Settings(command=command, **({"model": model} if model is not None else {}), **options)
         settings.validate()
         if torch_threads:

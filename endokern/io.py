@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["InputRow", "OUTPUT_EXTENSIONS", "RunWriter", "beside", "errors_path_for", "read_inputs", "read_rows",
@@ -1064,3 +1065,22 @@ class PartsWriter:
         rows = [e for c in sorted(done) for e in done[c]["errors"]]
         write_rows(self.errors, rows)
         return len(rows)
+
+
+def split_parts(scored: str, output: str, rejected: str, reason_of: Callable[[float], Optional[str]]) -> None:
+    """Split the part files of ``scored`` by their rows' ``reward``: a row ``reason_of`` keeps (None) goes to the
+    part of the same name in ``output``, the others to ``rejected`` with a ``reason`` column; earlier parts there are
+    removed first. One part in memory at a time."""
+    for folder in (output, rejected):
+        clear_parts(folder)
+    for path in part_files(scored):
+        table = pq.read_table(path)
+        reasons = [reason_of(r) for r in table.column("reward").to_pylist()]
+        mask = pa.array([reason is None for reason in reasons], pa.bool_())
+        kept = table.filter(mask)
+        dropped = table.filter(pc.invert(mask))
+        dropped = dropped.append_column("reason", pa.array([x for x in reasons if x is not None], pa.string()))
+        chunk = int(_PART.match(os.path.basename(path)).group(1))
+        for folder, part in ((output, kept), (rejected, dropped)):
+            if part.num_rows:
+                write_part(folder, chunk, part)

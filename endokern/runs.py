@@ -206,23 +206,20 @@ def rejection(reward: float, threshold: float, min_reward: Optional[float]) -> O
 
 def split_top_fraction(settings: Settings, files: Dict[str, str], log: Log) -> Dict[str, Any]:
     """Filter's second pass: the threshold from the scored rewards (only they are held), then every scored row to
-    the output or, with the reason, to the rejected rows. Local runs stream the scored file twice (one pass per
-    output file, each written whole or not at all); Ray runs split each part file."""
-    if settings.engine == "ray":
-        from .integrations.ray import split_parts
-
-        kept, dropped, threshold, n = split_parts(files["scored"], files["output"], files["rejected"],
-                                                  lambda rewards: top_fraction_threshold(rewards,
-                                                                                         settings.top_fraction),
-                                                  lambda r, t: rejection(r, t, settings.min_reward))
+    the output or, with the reason, to the rejected rows. A local run streams the scored file once per output file
+    (each written whole or not at all); a Ray run splits each part file."""
+    ray = settings.engine == "ray"
+    scored = files["scored"]
+    rewards = [row["reward"] for row in (io.read_parts(scored, ["reward"]) if ray else _file_rows(scored))]
+    threshold = top_fraction_threshold(rewards, settings.top_fraction)
+    kept = [r for r in rewards if rejection(r, threshold, settings.min_reward) is None]
+    dropped = [r for r in rewards if rejection(r, threshold, settings.min_reward) is not None]
+    n = len(rewards)
+    if ray:
+        io.split_parts(scored, files["output"], files["rejected"],
+                       lambda reward: rejection(reward, threshold, settings.min_reward))
         where = files["rejected"] + "/"
     else:
-        scored = files["scored"]
-        rewards = [row["reward"] for row in _file_rows(scored)]
-        threshold = top_fraction_threshold(rewards, settings.top_fraction)
-        kept = [r for r in rewards if rejection(r, threshold, settings.min_reward) is None]
-        dropped = [r for r in rewards if rejection(r, threshold, settings.min_reward) is not None]
-        n = len(rewards)
 
         def rows(keep: bool) -> Iterator[dict]:
             for row in _file_rows(scored):

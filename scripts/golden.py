@@ -152,6 +152,40 @@ def _same(a, b):
     return filecmp.cmp(a, b, shallow=False)
 
 
+def _flat(value, at=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(v, f"{at}/{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _flat(v, f"{at}[{i}]")
+    else:
+        yield at, value
+
+
+def _what_differs(a, b):
+    """For JSON and JSON Lines files, the first fields that differ; for text, the first lines."""
+    try:
+        with open(a) as fa, open(b) as fb:
+            ta, tb = fa.read(), fb.read()
+    except UnicodeDecodeError:
+        return ""
+    try:
+        va = [_masked_json(json.loads(x)) for x in ta.splitlines()] if a.endswith(".jsonl") else _masked_json(
+            json.loads(ta))
+        vb = [_masked_json(json.loads(x)) for x in tb.splitlines()] if b.endswith(".jsonl") else _masked_json(
+            json.loads(tb))
+        if a.endswith("progress.jsonl"):  # the Ray journal, in the order chunks finished
+            va, vb = (sorted(v, key=lambda e: e["chunk"]) for v in (va, vb))
+        fa_, fb_ = dict(_flat(va)), dict(_flat(vb))
+        keys = [k for k in sorted(set(fa_) | set(fb_), key=str) if fa_.get(k) != fb_.get(k)]
+        return "; ".join(f"{k}: {fa_.get(k)!r} -> {fb_.get(k)!r}" for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+    except ValueError:
+        la, lb = _mask(ta).splitlines(), _mask(tb).splitlines()
+        pairs = [(x, y) for x, y in zip(la, lb) if x != y][:2]
+        return "; ".join(f"{x[:90]!r} -> {y[:90]!r}" for x, y in pairs)
+
+
 def compare(a, b):
     differ = []
     files = set()
@@ -163,13 +197,15 @@ def compare(a, b):
         if not (os.path.exists(pa) and os.path.exists(pb)):
             differ.append(f"{rel}: only in {'the first' if os.path.exists(pa) else 'the second'}")
         elif not _same(pa, pb):
-            differ.append(f"{rel}: differs")
+            differ.append(f"{rel}: {_what_differs(pa, pb) or 'differs'}")
     with open(os.path.join(a, "logs.json")) as fa, open(os.path.join(b, "logs.json")) as fb:
         la, lb = json.load(fa), json.load(fb)
     for name in sorted(set(la) | set(lb)):
         for key in ("rc", "stdout", "stderr"):
-            if _mask(str(la.get(name, {}).get(key))) != _mask(str(lb.get(name, {}).get(key))):
-                differ.append(f"log {name} {key}: differs")
+            xa, xb = _mask(str(la.get(name, {}).get(key))), _mask(str(lb.get(name, {}).get(key)))
+            if xa != xb:
+                lines = [(x, y) for x, y in zip(xa.splitlines(), xb.splitlines()) if x != y][:1]
+                differ.append(f"log {name} {key}: " + "; ".join(f"{x[:80]!r} -> {y[:80]!r}" for x, y in lines))
     print(f"{len(files)} files compared; {len(differ)} differences")
     for line in differ:
         print("  " + line)

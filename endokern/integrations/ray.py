@@ -50,8 +50,6 @@ import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 try:
     import ray
@@ -67,7 +65,7 @@ from ..model import EndoRM, progress_bar
 from ..pipeline import RunStats, make_task, process_chunk
 from ..settings import Settings
 
-__all__ = ["Scorer", "connect", "execute", "split_parts"]
+__all__ = ["Scorer", "connect", "execute"]
 
 _ENVELOPE = ("_chunk", "_row", "_subset", "_payload")  # what the reader hands the Scorer in a run
 
@@ -423,33 +421,3 @@ def _execute(files, pending, chunk_rows, scorer_kwargs, writer, done, stats, *, 
         bar.close()
     if pieces:
         raise RuntimeError(f"the run ended with {len(pieces)} chunk(s) incomplete; rerun to resume")
-
-
-# ----------------------------------------------------------------------------------------------- filter --top-fraction
-
-
-def split_parts(scored: str, output: str, rejected: str, threshold_of: Callable[[List[float]], float],
-                reason_of: Callable[[float, float], Optional[str]]) -> Tuple[List[float], List[float], float, int]:
-    """Split the scored part files into kept and rejected parts (the rules of :func:`endokern.runs.rejection`);
-    returns the kept and the rejected rewards, the threshold and the number of scored rows."""
-    parts = eio.part_files(scored)
-    rewards = [r for p in parts for r in pq.read_table(p, columns=["reward"]).column("reward").to_pylist()]
-    threshold = threshold_of(rewards)
-    for folder in (output, rejected):
-        eio.clear_parts(folder)
-    kept_rewards: List[float] = []
-    dropped_rewards: List[float] = []
-    for path in parts:
-        table = pq.read_table(path)
-        reasons = [reason_of(r, threshold) for r in table.column("reward").to_pylist()]
-        for r, reason in zip(table.column("reward").to_pylist(), reasons):
-            (kept_rewards if reason is None else dropped_rewards).append(r)
-        mask = pa.array([reason is None for reason in reasons], pa.bool_())
-        kept = table.filter(mask)
-        dropped = table.filter(pc.invert(mask))
-        dropped = dropped.append_column("reason", pa.array([x for x in reasons if x is not None], pa.string()))
-        chunk = int(os.path.basename(path)[len("part-"):-len(".parquet")])
-        for folder, part in ((output, kept), (rejected, dropped)):
-            if part.num_rows:
-                eio.write_part(folder, chunk, part)
-    return kept_rewards, dropped_rewards, threshold, len(rewards)

@@ -310,6 +310,22 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     replace_file(tmp, path)
 
 
+def read_state(path: str, version: int, what: str = "") -> dict:
+    """A run's state file (a checkpoint, a parts folder's run file); ValueError when it cannot be read or was written
+    by another version."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{what}{path} is unreadable ({e}); pass --overwrite to start over") from e
+    if state.get("version") != version:
+        raise ValueError(f"{what}{path} has version {state.get('version')!r}, this endokern writes version {version}; "
+                         "pass --overwrite to start over")
+    return state
+
+
 def check_run_key(old: dict, new: dict, where: str) -> None:
     """ValueError naming every argument whose value differs between a run's recorded key and this run's."""
     differ = [
@@ -561,21 +577,7 @@ class RunWriter:
 
     def _load_checkpoint(self) -> dict:
         """The checkpoint's content; ValueError when it cannot be read."""
-        try:
-            with open(self._checkpoint, encoding="utf-8") as f:
-                ckpt = json.load(f)
-            if not isinstance(ckpt, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise ValueError(
-                f"checkpoint {self._checkpoint} is unreadable ({e}); pass --overwrite to start over"
-            ) from e
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint {self._checkpoint} has version {ckpt.get('version')!r}, this endokern writes "
-                f"version {CHECKPOINT_VERSION}; pass --overwrite to start over"
-            )
-        return ckpt
+        return read_state(self._checkpoint, CHECKPOINT_VERSION, "checkpoint ")
 
     def _resume(self, ckpt: dict) -> None:
         """Continue the run of a checkpoint: same arguments required, everything uncommitted cut off."""
@@ -985,14 +987,7 @@ class PartsWriter:
         atomic_write(self.run_file, lambda f: f.write(data))
 
     def _check_same_run(self) -> None:
-        try:
-            with open(self.run_file, encoding="utf-8") as f:
-                state = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{self.run_file} is unreadable ({e}); pass --overwrite to start over") from e
-        if state.get("version") != PARTS_VERSION:
-            raise ValueError(f"{self.run_file} has version {state.get('version')!r}, this endokern writes "
-                             f"{PARTS_VERSION}; pass --overwrite to start over")
+        state = read_state(self.run_file, PARTS_VERSION)
         check_run_key(state.get("run_key") or {}, self.run_key, self.run_file)
         streams = {name: os.path.abspath(p) for name, p in self.streams.items()}
         if state.get("streams") != streams or state.get("errors") != os.path.abspath(self.errors):

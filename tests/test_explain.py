@@ -344,3 +344,24 @@ def test_cli_filter_plot_in_both_modes(tmp_path, monkeypatch):
             assert min(kept) >= kwargs["thresholds"]["top-fraction threshold"] > max(rejected)
     with pytest.raises(SystemExit, match="--plot needs a file"):
         run_cli("filter", "--input", src, "--min-reward", "0", "--plot", tmp_path / "x.png")
+
+
+def test_one_row_of_a_file_from_python(tmp_path):
+    from endokern.explain import read_row, row_examples
+    from endokern.formats import RowError
+
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "responses": ["a", "b", "c"]},
+            {"prompt": "p", "chosen": ["a", "b"], "rejected": ["c", "d"]}, {"prompt": "p", "chosen": "a"}]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{bad\n")
+    assert [read_row(str(src), i) for i in range(4)] == rows
+    assert row_examples(rows[0], "plain") == ([TextExample("p", "r")], ["response"])
+    assert row_examples(rows[1], "plain")[1] == ["response 0", "response 1", "response 2"]
+    examples, labels = row_examples(rows[2], "plain")
+    assert labels == ["chosen[0]", "chosen[1]", "rejected[0]", "rejected[1]"]
+    assert [e.response for e in examples] == ["a", "b", "c", "d"]
+    with pytest.raises(RowError, match="rejected"):
+        row_examples(rows[3], "plain")
+    for index, says in ((4, "bad JSON"), (5, "no row 5"), (-1, ">= 0")):
+        with pytest.raises(ValueError, match=says):
+            read_row(str(src), index)

@@ -63,8 +63,10 @@ def _opt(default: Any, help: Optional[str] = None, *, group: str, choices: Optio
 class Settings:
     """Every option of ``endokern score | compare | rank | filter`` (and of the model for ``explain`` and ``eval``).
 
-    Groups: ``model`` (what :meth:`EndoRM.from_pretrained` takes), ``reward``, ``text`` (how rows become token ids),
-    ``run`` (files, chunks, shards, resume), the command's own options, and ``ray`` (the Ray engine's resources).
+    Flag groups (which commands have them): ``model`` (the model, its text template, ``alpha``, the engine's batch
+    settings, ``max_length``: every command that loads a model), ``reward`` (``gamma``, ``terminal``, ``reduce``: not
+    ``eval``, whose variants set them), ``run`` (files, chunks, shards, resume: the file commands), a command's own
+    (``score``, ``compare``, ``filter``), and ``ray`` (the Ray engine's resources).
     """
 
     command: str = _opt("score", group="-", key=True)

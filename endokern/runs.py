@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -245,7 +244,3 @@ def filter_plot(settings: Settings, kept: List[float], rejected: List[float],
     histogram_png(settings.plot, {"kept": kept, "rejected": rejected}, thresholds=lines, zero_line=False,
                   title=f"endokern filter: rewards of {len(kept) + len(rejected)} rows ({settings.model})",
                   xlabel=f"reward ({settings.reduce})")
-
-
-def stderr_log(line: str) -> None:
-    print(line, file=sys.stderr)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-from . import io
+from . import io, parts
 from .formats import summarize_preferences
 from .pipeline import RunStats, make_task, stream
 from .settings import Settings, check_top_fraction
@@ -50,7 +50,7 @@ def paths(settings: Settings) -> Dict[str, str]:
     if settings.command == "filter":
         if ray:
             out["rejected"] = (settings.rejected or io.beside(output, ".rejected")).rstrip("/\\")
-            out["scored"] = os.path.join(output, io.PARTS_STATE_DIR, "scored")
+            out["scored"] = os.path.join(output, parts.STATE_DIR, "scored")
         else:
             out["rejected"] = settings.rejected or io.beside(output, ".rejected.jsonl")
             out["scored"] = io.beside(output, ".scored.jsonl")
@@ -75,7 +75,7 @@ def run(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> Run
         report(stats, files, log)
         log(f"endokern: output in {files['output']}/ (Parquet, one part per chunk of {settings.chunk_rows} rows)")
         result = RunResult(stats, files, already_complete=already)
-        rows_of: Callable[[str], Iterator[dict]] = io.read_parts
+        rows_of: Callable[[str], Iterator[dict]] = parts.read_parts
     else:
         result = _run_local(settings, files, rm, top_fraction, log)
         rows_of = _file_rows
@@ -209,13 +209,13 @@ def split_top_fraction(settings: Settings, files: Dict[str, str], log: Log) -> D
     (each written whole or not at all); a Ray run splits each part file."""
     ray = settings.engine == "ray"
     scored = files["scored"]
-    rewards = [row["reward"] for row in (io.read_parts(scored, ["reward"]) if ray else _file_rows(scored))]
+    rewards = [row["reward"] for row in (parts.read_parts(scored, ["reward"]) if ray else _file_rows(scored))]
     threshold = top_fraction_threshold(rewards, settings.top_fraction)
     kept = [r for r in rewards if rejection(r, threshold, settings.min_reward) is None]
     dropped = [r for r in rewards if rejection(r, threshold, settings.min_reward) is not None]
     n = len(rewards)
     if ray:
-        io.split_parts(scored, files["output"], files["rejected"],
+        parts.split_parts(scored, files["output"], files["rejected"],
                        lambda reward: rejection(reward, threshold, settings.min_reward))
         where = files["rejected"] + "/"
     else:

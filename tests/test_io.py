@@ -504,7 +504,7 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path):
     assert not (killed / "out.parquet.parts").exists()
 
 
-# ------------------------------------------------------------------------------------- several inputs, parts folders
+# ------------------------------------------------------------------------------------------------- several inputs
 
 
 def _random_inputs(tmp_path, gen):
@@ -549,29 +549,3 @@ def test_plan_numbers_chunks_as_the_streaming_reader_numbers_rows(tmp_path, gen)
         for item, (want, subset) in zip(got, expected[c.first : c.first + c.rows]):
             assert plan.offset + item.index == want.index and item.row == want.row and item.error == want.error
             assert plan.subset == subset
-
-
-def test_parts_writer_resumes_what_is_whole_and_refuses_other_runs(tmp_path, gen):
-    out, state = tmp_path / "out", tmp_path / "out" / eio.PARTS_STATE_DIR
-    chunks = [eio.Chunk(0, 3, 0), eio.Chunk(3, 3, 0), eio.Chunk(6, 2, 0)]
-    key = {"alpha": float(torch.rand((), generator=gen))}
-    writer = eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), key, False)
-    assert writer.settle(chunks) == {}
-    for c in chunks[:2]:
-        writer.commit(c.first, c.rows, {"output": [{"id": c.first + i} for i in range(c.rows)],
-                                        "errors": [{"row": c.first, "reason": "x"}]}, c.rows, 10)
-    os.remove(out / eio.part_name(3))  # a part lost after its journal line
-    (out / eio.part_name(6)).write_bytes(b"half")  # a part written before a kill, not journaled
-    with open(state / eio.PARTS_JOURNAL, "ab") as f:
-        f.write(b'{"chunk": 6, "ro')  # half a journal line
-    again = eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), key, False)
-    done = again.settle(chunks)
-    assert sorted(done) == [0] and [os.path.basename(p) for p in eio.part_files(str(out))] == [eio.part_name(0)]
-    assert again.write_errors(done) == 1
-    with pytest.raises(ValueError, match="alpha"):
-        eio.PartsWriter(str(state), {"output": str(out)}, str(tmp_path / "out.errors.jsonl"), {"alpha": -1}, False)
-    (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="other files"):
-        eio.PartsWriter(str(tmp_path / "foreign" / "_endokern"), {"output": str(tmp_path / "foreign")},
-                        str(tmp_path / "f.errors.jsonl"), key, False)

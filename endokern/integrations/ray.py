@@ -14,7 +14,8 @@ Two ways in:
                               compute=ray.data.ActorPoolStrategy(size=4),  # or concurrency=4 (Ray < 2.51)
                               num_gpus=1, batch_size=256, batch_format="pyarrow")
 
-This module holds only what needs Ray; the files are :mod:`endokern.io`'s (the plan of chunks, the parts writer).
+This module holds only what needs Ray; the files are :mod:`endokern.io`'s (the plan of chunks) and
+:mod:`endokern.parts`' (the parts writer).
 
 Row numbers. Ray Data does not number rows, and ids and error rows need each row's global index as one process counts
 it, so the driver first plans the inputs with :func:`endokern.io.plan_inputs` (one scan: Parquet footers, a line count
@@ -32,7 +33,7 @@ Scoring. :class:`Scorer` actors (a fixed pool of ``num_workers``, ``num_gpus`` e
 with :func:`endokern.pipeline.process_chunk`, as a single process does with the same ``chunk_rows``: the same chunk
 gives the same batches, hence the same floats.
 
-Writing. Only the driver writes, through :class:`endokern.io.PartsWriter`: as each chunk's results come back it
+Writing. Only the driver writes, through :class:`endokern.parts.PartsWriter`: as each chunk's results come back it
 writes ``<output>/part-<first row>.parquet`` (and ``<rejected>/part-...`` for filter) and only then journals the chunk;
 the errors file is written from the journal at the end. A later run with the same settings keeps every journalled
 chunk whose parts exist and scores only the others; the number of workers is not part of the run key.
@@ -60,8 +61,9 @@ except ImportError as _err:  # pragma: no cover - exercised only without ray
     raise ImportError("endokern's Ray integration needs Ray Data: pip install 'endokern[ray]'") from _err
 
 from .. import io as eio
-from ..io import Chunk, FilePlan, InputRow, PartsWriter, plan_inputs
+from ..io import Chunk, FilePlan, InputRow, plan_inputs
 from ..model import EndoRM, progress_bar
+from ..parts import STATE_DIR, PartsWriter
 from ..pipeline import RunStats, make_task, process_chunk
 from ..settings import Settings
 
@@ -335,7 +337,7 @@ def execute(settings: Settings, files: Dict[str, str], *, keep_scored: bool = Fa
         if not keep_scored:
             streams["rejected"] = files["rejected"]
     chunk_plan, chunks = plan_inputs(settings.input, settings.chunk_rows, settings.limit)
-    writer = PartsWriter(os.path.join(output, eio.PARTS_STATE_DIR), streams, files["errors"], settings.run_key(),
+    writer = PartsWriter(os.path.join(output, STATE_DIR), streams, files["errors"], settings.run_key(),
                          settings.overwrite, folders)
     done = writer.settle(chunks)
     pending = [c for c in chunks if c.first not in done]

@@ -34,9 +34,7 @@ from test_cli import read_jsonl, sentence, write_jsonl  # noqa: E402
 from endokern import EndoRM  # noqa: E402
 from endokern.cli import main  # noqa: E402
 from endokern.integrations.ray import Scorer  # noqa: E402
-from endokern.io import PARTS_JOURNAL as JOURNAL  # noqa: E402
-from endokern.io import PARTS_STATE_DIR as STATE_DIR  # noqa: E402
-from endokern.io import part_files  # noqa: E402
+from endokern.parts import JOURNAL, STATE_DIR, part_files  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,16 +31,17 @@ def chunk_of(rows, first=0, subset=None):
 
 def test_outputs_and_errors_in_input_order_with_row_numbers(rm, rng):
     first = rng.randint(0, 10**6)
-    rows = [{"prompt": sentence(rng), "response": " " + sentence(rng)} for _ in range(rng.randint(6, 14))]
+    # good rows stay far below --max-length (at most 16 words); the long one is far above it
+    rows = [{"prompt": sentence(rng, 1, 8), "response": " " + sentence(rng, 1, 8)} for _ in range(rng.randint(6, 14))]
     bad = sorted(rng.sample(range(len(rows)), 3))
     rows[bad[0]] = {"prompt": "no response"}
     rows[bad[1]] = "bad JSON: Expecting value"  # an unparseable line, as the readers report it
-    rows[bad[2]] = {"id": "long", "prompt": "the " * 60, "response": " end"}
+    rows[bad[2]] = {"id": "long", "prompt": "the " * 150, "response": " end"}
     encoder = rm.encoder("plain")
     stats = RunStats()
-    streams = process_chunk(rm, ScoreTask(), encoder, chunk_of(rows, first), max_length=40, stats=stats)
+    streams = process_chunk(rm, ScoreTask(), encoder, chunk_of(rows, first), max_length=120, stats=stats)
     assert [e["row"] for e in streams["errors"]] == [first + b for b in bad]
-    assert streams["errors"][2]["id"] == "long" and "max-length 40" in streams["errors"][2]["reason"]
+    assert streams["errors"][2]["id"] == "long" and "max-length 120" in streams["errors"][2]["reason"]
     good = [i for i in range(len(rows)) if i not in bad]
     assert [o["id"] for o in streams["output"]] == [first + i for i in good]
     expected = rm.score([rows[i]["prompt"] for i in good], [rows[i]["response"] for i in good], template="plain")

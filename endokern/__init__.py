@@ -4,7 +4,8 @@ from .ops import BACKENDS, SoftValues, available_backends, soft_values
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "EndoRM", "ScoreResult", "SoftValues", "available_backends", "soft_values", "__version__"]
+__all__ = ["BACKENDS", "EndoRM", "RunResult", "ScoreResult", "Settings", "SoftValues", "available_backends", "run",
+           "soft_values", "__version__"]
 
 
 def __getattr__(name):
@@ -13,4 +14,12 @@ def __getattr__(name):
         from . import model
 
         return getattr(model, name)
+    if name == "Settings":
+        from .settings import Settings
+
+        return Settings
+    if name in ("run", "RunResult"):
+        from . import runs
+
+        return getattr(runs, name)
     raise AttributeError(f"module 'endokern' has no attribute {name!r}")

@@ -99,9 +99,8 @@ def dequantized_gguf(path: Path, *, cache_dir: Optional[str] = None) -> Path:
     folder = cache_root(cache_dir) / "dequantized" / key
     if (folder / "config.json").exists() and (folder / ".complete").exists():
         return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"endokern: dequantizing {path.name} once into {folder}", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

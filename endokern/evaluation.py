@@ -15,7 +15,7 @@ Group names: ``rm-bench``, ``chat-hard``, ``all``. Any other name is a path to a
 
 Passes per suite: one scoring pass with per-token outputs gives every variant of :mod:`endokern.variants` (sum,
 mean, bootstrap, gamma < 1, log-likelihoods); the ``judge`` baseline is a second pass. Each pass streams through
-:func:`endokern.pipeline.run` into ``<output>/<suite>.<pass>.jsonl`` (per-row rewards of every response per variant),
+:func:`endokern.pipeline.stream` into ``<output>/<suite>.<pass>.jsonl`` (per-row rewards of every response per variant),
 so a killed evaluation resumes where it stopped. The report (``report.md``, ``report.json``) gives accuracy with 95%
 bootstrap intervals (rows resampled with replacement; sections resample within each suite) and speed per pass.
 
@@ -36,9 +36,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import formats
-from .io import RunWriter, read_rows, write_rows
-from .pipeline import CompareTask, RunStats, file_stem, run
-from .tokenization import Encoded, EncodeError, TextExample
+from .io import RunWriter, file_stem, read_rows, write_rows
+from .pipeline import CompareTask, RunStats, stream
+from .settings import Settings
+from .tokenization import Encoded, TextExample
 from .variants import Variant, variant_score
 
 DATA_ENV = "ENDOKERN_DATA"
@@ -255,10 +256,10 @@ def run_eval(
                         stats = json.load(f)
                 else:
                     log(f"endokern eval: {suite.name} ({pass_name}): {len(rows)} rows")
-                    run_stats: RunStats = run(
-                        rm, task, [inputs], writer, template=template, system=system, max_length=max_length,
-                        limit=len(rows), chunk_rows=chunk_rows, progress=progress,  # limit: the bar's total
-                    )
+                    run_settings = Settings(command="compare", input=[inputs], template=template, system=system,
+                                            max_length=max_length, limit=len(rows),  # limit: the bar's total
+                                            chunk_rows=chunk_rows, progress=progress)
+                    run_stats: RunStats = stream(rm, task, run_settings, writer)
                     stats = run_stats.as_dict()
                     stats["unreadable_rows"] = len(bad)
                     stats["complete_run"] = run_stats.resumed_from == 0
@@ -518,3 +519,56 @@ def plot_margins(report_passes: Sequence[PassResult], variants: Sequence[Variant
         written.append(histogram_png(path, series, title=f"chosen - rejected margins: {v.name}",
                                      xlabel=f"margin ({v.description})"))
     return written
+
+
+def evaluate(
+    rm,
+    suites: Sequence[Tuple[Suite, List[str]]],
+    variants: Sequence[Variant],
+    output_dir: str,
+    *,
+    model: str,
+    template: str,
+    system: Optional[str] = None,
+    data: Optional[str] = None,
+    max_rows: Optional[int] = None,
+    seed: int = 0,
+    bootstrap: int = 1000,
+    max_length: Optional[int] = None,
+    chunk_rows: int = 64,
+    packing: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    plot: bool = False,
+    log=print,
+) -> Tuple[Dict[str, Any], str]:
+    """``endokern eval`` from Python: every pass (:func:`run_eval`), the report (:func:`build_report`) written as
+    ``report.json`` and ``report.md`` in ``output_dir``, and with ``plot`` a margin histogram per variant.
+    ``template`` is the resolved one. Returns the report and its Markdown."""
+    import torch
+
+    settings = {
+        "model": model, "template": template, "system": system, "alpha": rm.alpha,
+        "dtype": str(rm.head.weight.dtype).replace("torch.", ""),
+        "device": str(rm.device), "backend": rm.backend, "batch_tokens": rm.batch_tokens,
+        "data": os.path.abspath(data_dir(data)), "max_rows": max_rows, "seed": seed,
+        "bootstrap_resamples": bootstrap, "torch_threads": torch.get_num_threads(),
+    }
+    key = {k: settings[k] for k in ("model", "template", "system", "alpha", "dtype", "backend", "batch_tokens")}
+    key.update(max_length=max_length, chunk_rows=chunk_rows, packing=packing)
+    passes = run_eval(rm, suites, variants, output_dir, template=template, system=system, max_rows=max_rows,
+                      seed=seed, max_length=max_length, chunk_rows=chunk_rows, overwrite=overwrite, run_key=key,
+                      progress=progress, log=log)
+    report = build_report(passes, variants, resamples=bootstrap, seed=seed, settings=settings)
+    json_path, md_path = os.path.join(output_dir, "report.json"), os.path.join(output_dir, "report.md")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    title = f"# endokern eval: {model}\n\n" + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n\n"
+    markdown = title + report_markdown(report)
+    with open(md_path, "w") as f:
+        f.write(markdown)
+    if plot:
+        for path in plot_margins(passes, variants, output_dir):
+            log(f"endokern eval: wrote {path}")
+    return report, markdown

@@ -17,9 +17,11 @@ from __future__ import annotations
 import html
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import formats
+from .io import read_rows
 from .tokenization import EncodeError, TextExample
 
 __all__ = ["Explanation", "explain", "render_html", "render_terminal", "token_pieces", "METRICS"]
@@ -57,9 +59,6 @@ class Explanation:
     logprob: float
     num_tokens: int
     reduce: str = "sum"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -144,6 +143,32 @@ def explain(
             )
         )
     return out
+
+
+def read_row(path: str, index: int) -> Dict[str, Any]:
+    """Row ``index`` (0-based) of an input file any command reads; ValueError saying why it cannot be had."""
+    if index < 0:
+        raise ValueError(f"--row must be >= 0, got {index}")
+    item = next(iter(read_rows(path, start=index)), None)
+    if item is None:
+        raise ValueError(f"{path} has no row {index}")
+    if item.row is None:
+        raise ValueError(f"row {index} of {path}: {item.error}")
+    return item.row
+
+
+def row_examples(row: Dict[str, Any], template: str) -> Tuple[List[TextExample], List[str]]:
+    """The examples of a score, rank or preference row, and their labels (``chosen[0]``, ``rejected``...);
+    :class:`endokern.formats.RowError` when the row cannot be used. ``template`` is the resolved one."""
+    if "responses" in row:
+        examples = formats.rank_examples(row)
+        return examples, [f"response {i}" for i in range(len(examples))]
+    if "response" in row or "messages" in row:
+        return formats.score_examples(row), ["response"]
+    pref = formats.preference_examples(row, template)
+    if pref.grid:
+        return pref.examples, [f"{side}[{i}]" for side in ("chosen", "rejected") for i in range(pref.k)]
+    return pref.examples, ["chosen", "rejected"]
 
 
 # ------------------------------------------------------------------------------------------------ colours

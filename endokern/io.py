@@ -1,9 +1,19 @@
-"""Streaming readers and crash-safe, resumable writers for the ``score``, ``compare``, ``rank`` and ``filter`` commands.
+"""Streaming readers and crash-safe, resumable writers for the ``score``, ``compare``, ``rank`` and ``filter`` runs.
 
 Reading: :func:`read_rows` streams the rows of JSON Lines (plain or gzip), Parquet, JSON-array files or stdin,
 one shard of them, from a given shard row on, with bad rows reported as error rows instead of exceptions.
+:func:`read_inputs` numbers the rows of several inputs one after another (the one row numbering: blank lines are
+not rows, :func:`numbered_lines`); :func:`plan_inputs` cuts them into chunks by the same numbering for an engine
+that reads chunks out of order.
 
-Writing: :class:`RunWriter` appends each chunk's results to one or more output streams and records how far it
+Naming: :func:`beside` is the one rule for the files next to an output (errors, summary, rejected rows).
+
+Writing: :func:`atomic_write`, :func:`read_state` and :func:`check_run_key` are shared by the two resumable writers,
+:class:`RunWriter` here (one file per stream, a checkpoint) for a run that commits chunks in order, and
+:class:`endokern.parts.PartsWriter` (a folder of Parquet parts per stream, a journal) for one whose chunks finish in
+any order.
+
+:class:`RunWriter` appends each chunk's results to one or more output streams and records how far it
 got in a checkpoint sidecar (``<first stream path>.progress.json``). The order of operations makes a run killed at
 any moment (``kill -9``) and restarted with the same arguments end with exactly the output of a run never killed:
 
@@ -28,24 +38,26 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Iterator, Optional
+from typing import IO, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["InputRow", "RunWriter", "errors_path_for", "read_rows", "write_rows"]
+__all__ = ["InputRow", "OUTPUT_EXTENSIONS", "RunWriter", "beside", "errors_path_for", "read_inputs", "read_rows",
+           "write_rows"]
 
 CHECKPOINT_VERSION = 1
 _BOM = b"\xef\xbb\xbf"
 _GZ_SUFFIXES = (".jsonl.gz", ".ndjson.gz", ".json.gz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+OUTPUT_EXTENSIONS = (".parquet", ".jsonl.gz", ".ndjson.gz", ".json.gz", ".jsonl", ".ndjson", ".json")
 _SUPPORTED = "'-', .jsonl, .ndjson, .json, .jsonl.gz, .ndjson.gz, .json.gz or .parquet"
 _READ_BATCH_ROWS = 1024  # Parquet rows decoded at a time when reading
 _MERGE_ROW_GROUP_ROWS = 65536  # chunks are gathered into row groups of about this many rows when merging parts
 _BLOCK_BYTES = 1 << 20  # read size for peeking into files and reading spools
 
 
-def _format_of(path: str) -> str:
+def format_of(path: str) -> str:
     """The format of a path by its extension: 'stdio' ('-'), 'jsonl', 'gz' or 'parquet'."""
     if path == "-":
         return "stdio"
@@ -87,7 +99,7 @@ def read_rows(path: str, *, num_shards: int = 1, shard_index: int = 0, start: in
     JSON as a whole raises ``ValueError`` when read, since its rows cannot be told apart.
     """
     _check_shard_args(num_shards, shard_index, start)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if fmt != "stdio" and not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "input file not found", path)
     first = shard_index + start * num_shards  # global index of the first row to yield
@@ -99,7 +111,7 @@ def read_rows(path: str, *, num_shards: int = 1, shard_index: int = 0, start: in
         return _jsonl_rows(_stdin_lines(), keep)
     if fmt == "parquet":
         return _parquet_rows(path, first, keep)
-    if path.lower().endswith((".json", ".json.gz")) and _starts_with_bracket(path, fmt):
+    if path.lower().endswith((".json", ".json.gz")) and is_json_array(path, fmt):
         return _json_array_rows(path, fmt, keep)
     return _file_jsonl_rows(path, fmt, keep)
 
@@ -114,7 +126,7 @@ def _check_shard_args(num_shards: int, shard_index: int, start: int) -> None:
         raise ValueError(f"start must be an integer >= 0, got {start!r}")
 
 
-def _open_binary(path: str, fmt: str) -> IO[bytes]:
+def open_binary(path: str, fmt: str) -> IO[bytes]:
     """Open a (possibly gzip) file for binary reading."""
     return gzip.open(path, "rb") if fmt == "gz" else open(path, "rb")
 
@@ -132,24 +144,33 @@ def _stdin_lines() -> Iterator[bytes]:
 
 def _file_jsonl_rows(path: str, fmt: str, keep: Callable[[int], bool]) -> Iterator[InputRow]:
     """The rows of a (possibly gzip) JSON Lines file; the file stays open only while the generator runs."""
-    with _open_binary(path, fmt) as f:
+    with open_binary(path, fmt) as f:
         yield from _jsonl_rows(f, keep)
 
 
 def _jsonl_rows(lines: Iterable[bytes], keep: Callable[[int], bool]) -> Iterator[InputRow]:
     """Number the non-blank lines and parse those ``keep`` wants (the others are only counted, never parsed)."""
-    index = 0
+    for index, _, line in numbered_lines(lines):
+        if keep(index):
+            yield parse_line(index, line)
+
+
+def numbered_lines(lines: Iterable[bytes], first_index: int = 0, at_start: bool = True) -> Iterator[tuple]:
+    """``(row index, byte offset, line)`` of the rows of JSON Lines: a UTF-8 BOM on the first line of a file
+    (``at_start``) is dropped and blank lines are not rows. The one numbering rule of every reader and planner."""
+    index, pos = first_index, 0
     for n, line in enumerate(lines):
-        if n == 0:
+        start = pos
+        pos += len(line)
+        if n == 0 and at_start:
             line = line.removeprefix(_BOM)
         if not line.strip():
             continue
-        if keep(index):
-            yield _parse_line(index, line)
+        yield index, start, line
         index += 1
 
 
-def _parse_line(index: int, line: bytes) -> InputRow:
+def parse_line(index: int, line: bytes) -> InputRow:
     """Parse one JSON Lines line into an InputRow, or an error row saying why it cannot be parsed."""
     try:
         text = line.decode("utf-8")
@@ -166,9 +187,9 @@ def _parse_line(index: int, line: bytes) -> InputRow:
     return InputRow(index, obj, None)
 
 
-def _starts_with_bracket(path: str, fmt: str) -> bool:
+def is_json_array(path: str, fmt: str) -> bool:
     """Whether the first non-space character of a file (after a UTF-8 BOM) is '[', i.e. it holds a JSON array."""
-    with _open_binary(path, fmt) as f:
+    with open_binary(path, fmt) as f:
         block = f.read(_BLOCK_BYTES).removeprefix(_BOM)
         while block:
             rest = block.lstrip()
@@ -180,7 +201,7 @@ def _starts_with_bracket(path: str, fmt: str) -> bool:
 
 def _json_array_rows(path: str, fmt: str, keep: Callable[[int], bool]) -> Iterator[InputRow]:
     """The elements of a JSON array file (loaded whole); elements that are not objects become error rows."""
-    with _open_binary(path, fmt) as f:
+    with open_binary(path, fmt) as f:
         data = f.read().removeprefix(_BOM)
     try:
         items = json.loads(data.decode("utf-8"))
@@ -218,19 +239,21 @@ def _parquet_rows(path: str, first: int, keep: Callable[[int], bool]) -> Iterato
 # ----------------------------------------------------------------------------------------------------------- writing
 
 
-def errors_path_for(output: str) -> str:
-    """Where the errors of a run go by default: beside the output, same stem + ``.errors.jsonl``.
-
-    ``'out.jsonl'``, ``'out.jsonl.gz'`` and ``'out.parquet'`` all give ``'out.errors.jsonl'``. For ``'-'``
-    (stdout) it is ``'-'`` too, meaning the errors go to stderr as JSON lines.
-    """
+def beside(output: str, suffix: str) -> str:
+    """The one naming rule of files that sit beside an output: ``out.jsonl`` (any data extension, in any case) ->
+    ``out<suffix>``; a folder or other name gets the suffix appended; standard output ``'-'`` stays ``'-'``."""
     if output == "-":
         return "-"
     lower = output.lower()
-    for suffix in _GZ_SUFFIXES + _JSONL_SUFFIXES + (".parquet",):
-        if lower.endswith(suffix):
-            return output[: -len(suffix)] + ".errors.jsonl"
-    return os.path.splitext(output)[0] + ".errors.jsonl"
+    for ext in OUTPUT_EXTENSIONS:
+        if lower.endswith(ext):
+            return output[: -len(ext)] + suffix
+    return output + suffix
+
+
+def errors_path_for(output: str) -> str:
+    """Where the errors of a run go by default: ``beside(output, ".errors.jsonl")``; ``'-'`` means standard error."""
+    return beside(output, ".errors.jsonl")
 
 
 def _encode_line(row: dict) -> bytes:
@@ -238,7 +261,7 @@ def _encode_line(row: dict) -> bytes:
     return (json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
 
 
-def _table_from_rows(rows: list[dict]) -> pa.Table:
+def table_from_rows(rows: list[dict]) -> pa.Table:
     """A table with a column for every key of any row (in order of first appearance), None where a row lacks it."""
     names: dict[str, None] = {}
     for row in rows:
@@ -270,10 +293,48 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _replace(tmp: str, path: str) -> None:
+def replace_file(tmp: str, path: str) -> None:
     """Move a fully written, fsynced temporary file over ``path`` atomically and durably."""
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file whole or not at all: ``write(f)`` fills ``<path>.tmp``, which is fsynced and moved over ``path``."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_file(tmp, path)
+
+
+def read_state(path: str, version: int, what: str = "") -> dict:
+    """A run's state file (a checkpoint, a parts folder's run file); ValueError when it cannot be read or was written
+    by another version."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{what}{path} is unreadable ({e}); pass --overwrite to start over") from e
+    if state.get("version") != version:
+        raise ValueError(f"{what}{path} has version {state.get('version')!r}, this endokern writes version {version}; "
+                         "pass --overwrite to start over")
+    return state
+
+
+def check_run_key(old: dict, new: dict, where: str) -> None:
+    """ValueError naming every argument whose value differs between a run's recorded key and this run's."""
+    differ = [
+        f"{k} ({json.dumps(old.get(k, '<unset>'))} -> {json.dumps(new.get(k, '<unset>'))})"
+        for k in sorted(set(old) | set(new))
+        if json.dumps(old.get(k, "<unset>"), sort_keys=True) != json.dumps(new.get(k, "<unset>"), sort_keys=True)
+    ]
+    if differ:
+        raise ValueError(f"{where} belongs to a run with other arguments: {', '.join(differ)}; rerun with the same "
+                         "arguments to resume it, or pass --overwrite to start over")
 
 
 def _write_std(out: IO[str], data: bytes) -> None:
@@ -299,15 +360,15 @@ def write_rows(path: str, rows: Iterable[dict]) -> None:
     A file is written under a temporary name and moved into place, so it appears whole or not at all. Parquet
     holds all rows in memory; the other formats stream them. Meant for small outputs such as summaries.
     """
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if fmt == "stdio":
         _write_std(sys.stdout, b"".join(_encode_line(row) for row in rows))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as raw:
+
+    def write(raw: IO[bytes]) -> None:
         if fmt == "parquet":
-            pq.write_table(_table_from_rows(list(rows)), raw)
+            pq.write_table(table_from_rows(list(rows)), raw)
         elif fmt == "gz":
             # mtime=0 and no file name in the header: the same rows always give the same bytes
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
@@ -316,9 +377,8 @@ def write_rows(path: str, rows: Iterable[dict]) -> None:
         else:
             for row in rows:
                 raw.write(_encode_line(row))
-        raw.flush()
-        os.fsync(raw.fileno())
-    _replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 @dataclass
@@ -366,7 +426,7 @@ class RunWriter:
     def __init__(self, streams: dict[str, str], *, run_key: dict, overwrite: bool = False) -> None:
         if not streams:
             raise ValueError("RunWriter needs at least one output stream")
-        self._streams = {name: _Stream(name, path, _format_of(path)) for name, path in streams.items()}
+        self._streams = {name: _Stream(name, path, format_of(path)) for name, path in streams.items()}
         files = [s.path for s in self._streams.values() if s.fmt != "stdio"]
         if len({os.path.abspath(p) for p in files}) != len(files):
             raise ValueError(f"two output streams write the same file: {streams}")
@@ -516,21 +576,7 @@ class RunWriter:
 
     def _load_checkpoint(self) -> dict:
         """The checkpoint's content; ValueError when it cannot be read."""
-        try:
-            with open(self._checkpoint, encoding="utf-8") as f:
-                ckpt = json.load(f)
-            if not isinstance(ckpt, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise ValueError(
-                f"checkpoint {self._checkpoint} is unreadable ({e}); pass --overwrite to start over"
-            ) from e
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint {self._checkpoint} has version {ckpt.get('version')!r}, this endokern writes "
-                f"version {CHECKPOINT_VERSION}; pass --overwrite to start over"
-            )
-        return ckpt
+        return read_state(self._checkpoint, CHECKPOINT_VERSION, "checkpoint ")
 
     def _resume(self, ckpt: dict) -> None:
         """Continue the run of a checkpoint: same arguments required, everything uncommitted cut off."""
@@ -557,18 +603,7 @@ class RunWriter:
 
     def _check_same_run(self, ckpt: dict) -> None:
         """ValueError when the checkpoint was written for other arguments or other output streams."""
-        old_key = ckpt.get("run_key") or {}
-        differ = [
-            f"{k} ({json.dumps(old_key.get(k, '<unset>'))} -> {json.dumps(self._run_key.get(k, '<unset>'))})"
-            for k in sorted(set(old_key) | set(self._run_key))
-            if json.dumps(old_key.get(k, "<unset>"), sort_keys=True)
-            != json.dumps(self._run_key.get(k, "<unset>"), sort_keys=True)
-        ]
-        if differ:
-            raise ValueError(
-                f"checkpoint {self._checkpoint} belongs to a run with other arguments: {', '.join(differ)}; "
-                "rerun with the same arguments to resume it, or pass --overwrite to start over"
-            )
+        check_run_key(ckpt.get("run_key") or {}, self._run_key, f"checkpoint {self._checkpoint}")
         old_streams = {name: os.path.normpath(v.get("path", "")) for name, v in ckpt.get("streams", {}).items()}
         new_streams = {name: os.path.normpath(s.path) for name, s in self._streams.items()}
         if old_streams != new_streams:
@@ -630,7 +665,7 @@ class RunWriter:
             # one gzip member per chunk; mtime=0 so that a resumed run writes the same bytes as an unbroken one
             return gzip.compress(data, compresslevel=6, mtime=0) if s.fmt == "gz" else data
         try:
-            table = _table_from_rows(rows)
+            table = table_from_rows(rows)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ValueError(f"stream {s.name!r}: these rows cannot be stored in Parquet: {e}") from None
         if s.schema is None:
@@ -649,12 +684,7 @@ class RunWriter:
             s.file.flush()
         elif s.fmt == "parquet":
             table, schema = payload
-            part = s.part_path(s.committed)
-            with open(part + ".tmp", "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _replace(part + ".tmp", part)
+            atomic_write(s.part_path(s.committed), lambda f: pq.write_table(table, f))
             s.committed += 1
             s.schema = schema
         else:
@@ -677,18 +707,14 @@ class RunWriter:
                 for s in self._streams.values()
             },
         }
-        tmp = self._checkpoint + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(ckpt, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, self._checkpoint)
+        data = json.dumps(ckpt, indent=1, allow_nan=True).encode("utf-8")
+        atomic_write(self._checkpoint, lambda f: f.write(data))
 
     def _merge_parts(self, s: _Stream) -> None:
         """Merge a Parquet stream's committed parts, in order, into its final file (temporary name, then rename)."""
         schema = s.schema if s.schema is not None else pa.schema([])
-        tmp = s.path + ".tmp"
-        with open(tmp, "wb") as f:
+
+        def write(f: IO[bytes]) -> None:
             with pq.ParquetWriter(f, schema) as writer:
                 pending: list[pa.Table] = []
                 pending_rows = 0
@@ -701,14 +727,13 @@ class RunWriter:
                         pending, pending_rows = [], 0
                 if pending:
                     writer.write_table(pa.concat_tables(pending))
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, s.path)
+
+        atomic_write(s.path, write)
 
 
 def _file_dicts(path: str, fmt: str) -> Iterator[dict]:
     """The rows of a (possibly gzip) JSON Lines file written by this module."""
-    with _open_binary(path, fmt) as f:
+    with open_binary(path, fmt) as f:
         for line in f:
             yield json.loads(line)
 
@@ -726,3 +751,123 @@ def _spool_rows(spool: IO[bytes]) -> Iterator[dict]:
         tail = lines.pop()
         for line in lines:
             yield json.loads(line)
+
+
+# ------------------------------------------------------------------------------------------------- several inputs
+
+
+def file_stem(path: str) -> str:
+    """A data file's name without its data extensions (``a/b.jsonl.gz`` -> ``b``)."""
+    name = os.path.basename(path)
+    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def read_inputs(paths: Sequence[str], num_shards: int = 1, shard_index: int = 0,
+                start: int = 0) -> Iterator[Tuple[InputRow, Optional[str]]]:
+    """Rows of one or more inputs, numbered across them; row i belongs to shard i % num_shards; the first
+    ``start`` rows of the shard are skipped. With several inputs a row without ``subset`` gets its file's name
+    (the second item of each pair; None for one input)."""
+    _check_shard_args(num_shards, shard_index, start)
+    offset, seen = 0, 0
+    for path in paths:
+        subset = file_stem(path) if len(paths) > 1 else None
+        last = -1
+        for item in read_rows(path):
+            last = item.index
+            index = offset + item.index
+            if index % num_shards != shard_index:
+                continue
+            seen += 1
+            if seen <= start:
+                continue
+            yield InputRow(index, item.row, item.error), subset
+        offset += last + 1
+
+
+@dataclass
+class FilePlan:
+    """One input file of a planned run: how to read it, where its rows start in the global numbering, its chunks."""
+
+    path: str
+    kind: str  # 'jsonl' (plain JSON Lines: seekable), 'gz' (gzip JSON Lines), 'parquet', 'array' (a JSON array)
+    subset: Optional[str]  # the file's stem when there are several inputs (rows without 'subset' get it)
+    offset: int  # global index of the file's first row
+    rows: int  # rows of the file (before --limit)
+    seeks: Optional[List[int]] = None  # plain JSON Lines: byte offset where each chunk of the file starts
+    bytes_per_row: Optional[float] = None  # plain JSON Lines and Parquet (uncompressed): to size read tasks
+
+
+@dataclass(frozen=True)
+class Chunk:
+    first: int  # global index of its first row (the chunk's name)
+    rows: int
+    file: int  # index into the plan's files
+
+
+def plan_inputs(paths: Sequence[str], chunk_rows: int,
+                limit: Optional[int] = None) -> Tuple[List[FilePlan], List[Chunk]]:
+    """Scan the inputs once and cut them into chunks of ``chunk_rows`` rows that never span two files, numbered as
+    :func:`read_inputs` numbers them (for engines that read chunks out of order).
+
+    Parquet row counts come from the footers; a plain JSON Lines file is read line by line (no JSON parsing), noting
+    the byte offset where each chunk starts; gzip is decompressed to count; a JSON array is parsed. A missing file
+    or an unknown extension raises as :func:`read_rows` does. ``limit`` keeps the first ``limit`` rows of all inputs.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    files: List[FilePlan] = []
+    chunks: List[Chunk] = []
+    offset = 0
+    for path in paths:
+        if path == "-":
+            raise ValueError("a planned run reads files, not standard input")
+        if limit is not None and offset >= limit:
+            break  # a streaming run never reads past --limit either
+        kind, rows, seeks, size = _scan(path, chunk_rows, None if limit is None else limit - offset)
+        plan = FilePlan(path, kind, file_stem(path) if len(paths) > 1 else None, offset, rows, seeks,
+                        size / rows if size is not None and rows else None)
+        files.append(plan)
+        for local in range(0, rows, chunk_rows):
+            first = offset + local
+            n = min(chunk_rows, rows - local)
+            if limit is not None:
+                n = min(n, limit - first)
+            if n <= 0:
+                break
+            chunks.append(Chunk(first, n, len(files) - 1))
+        offset += rows
+    return files, chunks
+
+
+def _scan(path: str, chunk_rows: int, max_rows: Optional[int] = None) -> Tuple[str, int, Optional[List[int]], Any]:
+    """(kind, rows, chunk byte offsets, bytes of those rows) of one input (JSON Lines: at most ``max_rows``)."""
+    read_rows(path)  # raises now for a missing file or an unknown extension
+    fmt = format_of(path)
+    if fmt == "parquet":
+        with pq.ParquetFile(path) as pf:
+            meta = pf.metadata
+            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            return "parquet", meta.num_rows, None, size
+    if path.lower().endswith((".json", ".json.gz")) and is_json_array(path, fmt):
+        return "array", sum(1 for _ in read_rows(path)), None, None
+    rows, end, seeks = 0, 0, []
+    with open_binary(path, fmt) as f:
+        for index, start, line in numbered_lines(f):
+            if max_rows is not None and rows >= max_rows:
+                break
+            if rows % chunk_rows == 0:
+                seeks.append(start)
+            rows += 1
+            end = start + len(line)
+    return fmt, rows, (seeks if fmt == "jsonl" else None), (end if fmt == "jsonl" else None)
+
+
+def jsonl_rows_from(path: str, pos: int, first_local: int) -> Iterator[InputRow]:
+    """The rows of a plain JSON Lines file from byte ``pos`` (the start of the file's row ``first_local``)."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        for index, _, line in numbered_lines(f, first_local, at_start=pos == 0):
+            yield parse_line(index, line)

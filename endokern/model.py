@@ -9,15 +9,17 @@ results in input order.
 
 from __future__ import annotations
 
-import math
+import inspect
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .batching import Batch, batches
 from .ops import soft_values
-from .reward import REDUCTIONS, TERMINALS, ResponseRows, sequence_rewards
+from .reward import IGNORE_INDEX, ResponseRows, sequence_rewards
+from .settings import Settings, SettingsError, check_reward
 from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
 
 # Tokens per forward batch (padding included). On CPU, batches past about a thousand tokens run slower per
@@ -40,13 +42,6 @@ class ScoreResult:
     token_values: Optional[List[float]] = None
     token_entropies: Optional[List[float]] = None
     final_value: Optional[float] = None  # V(s_{H+1}), the value after the last response token (with per_token)
-
-    def to_dict(self, per_token: bool = True) -> Dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None}
-        if not per_token:
-            for key in ("token_rewards", "token_logprobs", "token_values", "token_entropies", "final_value"):
-                out.pop(key, None)
-        return out
 
 
 @dataclass(frozen=True)
@@ -73,30 +68,14 @@ class LMHead:
         return cls(head.weight, getattr(head, "bias", None), scale, float(softcap) if softcap else None)
 
 
-@dataclass
-class _Unit:
-    """One line of a forward batch: a prompt once, then the responses that share it, each seeing only the
-    prompt and itself (a tree attention mask); a unit of one response is an ordinary sequence."""
-
-    prompt_ids: List[int]
-    members: List[int]  # positions in the caller's list
-    length: int  # tokens on the line: p + sum of the members' H
-
-
-@dataclass
-class _Batch:
-    order: List[int]  # positions in the caller's list, in the order of cu_rows
-    input_ids: torch.Tensor  # [B, L] padded lines, or [1, S] packed
-    position_ids: torch.Tensor
-    attention_mask: Optional[torch.Tensor]  # [B, 1, L, L] tree mask when a line shares a prompt, else None
-    row_index: torch.Tensor  # [R] rows of the flattened hidden states: H + 1 per example (SPEC section 1)
-    row_targets: torch.Tensor  # [R] next token, or -100 on each example's last row
-    cu_rows: torch.Tensor  # [B' + 1] where each example's rows begin
-    num_tokens: int  # tokens scored, counting a shared prompt once per example
-
-
 class EndoRM:
-    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3)."""
+    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3).
+
+    Options: ``alpha``, ``gamma``, ``terminal``, ``reduce`` (SPEC section 1, checked by
+    :func:`endokern.settings.check_reward`), ``backend`` (of ``soft_values``), ``packing`` and ``share_prompts``
+    (``"auto"``, True or False: padding-free batches, one forward per shared prompt), ``batch_tokens`` (tokens per
+    forward batch), ``verify_head`` (the load-time probe of the LM head).
+    """
 
     def __init__(
         self,
@@ -113,18 +92,11 @@ class EndoRM:
         share_prompts: Union[str, bool] = "auto",
         verify_head: bool = True,
     ):
-        if not alpha > 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-        if not math.isfinite(gamma):
-            raise ValueError(f"gamma must be finite, got {gamma}")
-        if terminal not in TERMINALS:
-            raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        check_reward(alpha, gamma, terminal, reduce)
         if packing not in ("auto", True, False):
-            raise ValueError(f"packing must be 'auto', True or False, got {packing!r}")
+            raise SettingsError(f"packing must be 'auto', True or False, got {packing!r}")
         if batch_tokens is not None and batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+            raise SettingsError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.backbone = model.base_model
@@ -158,22 +130,20 @@ class EndoRM:
         *,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
-        alpha: float = 1.0,
-        gamma: float = 1.0,
-        terminal: str = "zero",
-        reduce: str = "sum",
-        backend: str = "auto",
-        packing: Union[str, bool] = "auto",
-        batch_tokens: Optional[int] = None,
-        share_prompts: Union[str, bool] = "auto",
         cache_dir: Optional[str] = None,
-        **hf_kwargs,
+        **kwargs,
     ) -> "EndoRM":
         """Load a causal LM (a local folder, a hub id, a ``.gguf`` file, or a name of :mod:`endokern.assets`).
 
-        ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. A ``.gguf`` file is dequantized once and
-        cached as safetensors (``cache_dir``, default ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
+        ``kwargs`` holds this class's options (``alpha``, ``gamma``, ``terminal``, ``reduce``, ``backend``,
+        ``packing``, ``batch_tokens``, ``share_prompts``, ``verify_head``: see :class:`EndoRM`); any other keyword
+        goes to ``AutoModelForCausalLM.from_pretrained``. ``dtype`` defaults to bfloat16 on CUDA and float32
+        elsewhere. A ``.gguf`` file is dequantized once and cached as safetensors (``cache_dir``, default
+        ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
         """
+        options = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer"}
+        rm_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in options}
+        hf_kwargs = kwargs
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .assets import resolve_model
@@ -188,10 +158,12 @@ class EndoRM:
                 hf_kwargs["attn_implementation"] = "flash_attention_2"
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
-        return cls(
-            model, tokenizer, alpha=alpha, gamma=gamma, terminal=terminal, reduce=reduce, backend=backend,
-            packing=packing, batch_tokens=batch_tokens, share_prompts=share_prompts,
-        )
+        return cls(model, tokenizer, **rm_kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **hf_kwargs) -> "EndoRM":
+        """Load the model of :class:`endokern.settings.Settings` with its model and reward options."""
+        return cls.from_pretrained(settings.model, **settings.model_kwargs(), **hf_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -295,7 +267,7 @@ class EndoRM:
         progress: Union[bool, Callable[[int, int], None]] = False,
     ) -> List[ScoreResult]:
         """Score encoded examples; results in input order. ``progress``: a tqdm bar, or a callback
-        ``(examples, tokens)`` called after each batch."""
+        ``(examples, forward_tokens)`` called after each batch (the tokens the model ran: a shared prompt once)."""
         if self.max_positions:
             for i, ex in enumerate(encoded):
                 if ex.length > self.max_positions:
@@ -308,100 +280,19 @@ class EndoRM:
         else:
             report = progress if callable(progress) else None
         try:
-            for batch in self._batches(encoded):
+            for batch in batches(encoded, batch_tokens=self.batch_tokens, packing=self.packing,
+                                 share_prompts=self.share_prompts):
                 for slot, result in zip(batch.order, self._score_batch(batch, per_token, entropy)):
                     results[slot] = result
                 if report is not None:
-                    report(len(batch.order), batch.num_tokens)
+                    report(len(batch.order), batch.forward_tokens)
         finally:
             if bar is not None:
                 bar.close()
         return results  # type: ignore[return-value]
 
-    def _units(self, encoded: Sequence[Encoded]) -> List[_Unit]:
-        """Examples with the same prompt ids share one line (split so a line stays within the token budget)."""
-        if not self.share_prompts:
-            return [_Unit(e.prompt_ids, [i], e.length) for i, e in enumerate(encoded)]
-        groups: Dict[tuple, List[int]] = {}
-        for i, e in enumerate(encoded):
-            groups.setdefault(tuple(e.prompt_ids), []).append(i)
-        units = []
-        for members in groups.values():
-            prompt = encoded[members[0]].prompt_ids
-            cap = max(self.batch_tokens, len(prompt) + max(len(encoded[i].response_ids) for i in members))
-            unit = _Unit(prompt, [], len(prompt))
-            for i in members:
-                size = len(encoded[i].response_ids)
-                if unit.members and unit.length + size > cap:
-                    units.append(unit)
-                    unit = _Unit(prompt, [], len(prompt))
-                unit.members.append(i)
-                unit.length += size
-            units.append(unit)
-        return units
-
-    def _batches(self, encoded: Sequence[Encoded]) -> Iterator[_Batch]:
-        """Longest line first, each batch filled to the token budget (padded: B x L; packed: the sum of lengths)."""
-        units = self._units(encoded)
-        units.sort(key=lambda u: (-u.length, u.members[0]))
-        start = 0
-        while start < len(units):
-            end, total = start, 0
-            while end < len(units):
-                cost = total + units[end].length if self.packing else (end - start + 1) * units[start].length
-                if end > start and cost > self.batch_tokens:
-                    break
-                total += units[end].length
-                end += 1
-            yield self._collate(units[start:end], encoded)
-            start = end
-
-    def _collate(self, units: List[_Unit], encoded: Sequence[Encoded]) -> _Batch:
-        """Lay the lines out (padded rows of width L, or one packed row) and find the rows of SPEC section 1:
-        for each example the prompt's last position, then its response positions (the last has no target)."""
-        width = sum(u.length for u in units) if self.packing else max(u.length for u in units)
-        lines = 1 if self.packing else len(units)
-        input_ids = torch.zeros(lines, width, dtype=torch.int64)
-        position_ids = torch.zeros(lines, width, dtype=torch.int64)
-        segment = torch.full((lines, width), -1, dtype=torch.int64)  # 0: prompt, k: k-th response, -1: padding
-        order, row_index, row_targets, cu_rows, num_tokens = [], [], [], [0], 0
-        base = 0
-        for line, unit in enumerate(units):
-            b = 0 if self.packing else line
-            col = base if self.packing else 0
-            p = len(unit.prompt_ids)
-            input_ids[b, col : col + p] = torch.tensor(unit.prompt_ids)
-            position_ids[b, col : col + p] = torch.arange(p)
-            segment[b, col : col + p] = 0
-            last_prompt_row = b * width + col + p - 1
-            col += p
-            for k, i in enumerate(unit.members, start=1):
-                response = encoded[i].response_ids
-                h = len(response)
-                input_ids[b, col : col + h] = torch.tensor(response)
-                position_ids[b, col : col + h] = torch.arange(p, p + h)
-                segment[b, col : col + h] = k
-                row_index += [last_prompt_row] + list(range(b * width + col, b * width + col + h))
-                row_targets += list(response) + [-100]
-                cu_rows.append(cu_rows[-1] + h + 1)
-                order.append(i)
-                num_tokens += p + h
-                col += h
-            base += unit.length
-        mask = None
-        if any(len(u.members) > 1 for u in units):
-            q = torch.arange(width)
-            causal = q.view(1, -1) <= q.view(-1, 1)  # [query, key]
-            seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
-            same_branch = (seg_k == 0) | (seg_k == seg_q)
-            mask = ((causal & same_branch) | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
-        return _Batch(
-            order, input_ids, position_ids, mask, torch.tensor(row_index), torch.tensor(row_targets),
-            torch.tensor(cu_rows), num_tokens,
-        )
-
     @torch.inference_mode()
-    def _score_batch(self, batch: _Batch, per_token: bool, entropy: bool) -> List[ScoreResult]:
+    def _score_batch(self, batch: Batch, per_token: bool, entropy: bool) -> List[ScoreResult]:
         device = self.device
         mask = batch.attention_mask
         if mask is not None:
@@ -425,7 +316,7 @@ class EndoRM:
             bias = None if bias is None else bias * self.head.scale
         out = soft_values(
             states, self.head.weight, rows.targets, alpha=self.alpha, bias=bias, softcap=self.head.softcap,
-            return_entropy=entropy, backend=self.backend,
+            ignore_index=IGNORE_INDEX, return_entropy=entropy, backend=self.backend,
         )
         rewards = sequence_rewards(
             out.value, out.target_logit, rows.cu_rows, alpha=self.alpha, gamma=self.gamma,

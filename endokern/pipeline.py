@@ -1,24 +1,25 @@
-"""The streaming run behind ``endokern score | compare | rank | filter``.
+"""What a run does to its rows, chunk by chunk, whichever engine runs it.
 
-Input rows are read in chunks (memory does not grow with the input), turned into examples by the
-command's :class:`Task`, encoded in one batch per chunk, scored by :class:`endokern.EndoRM`, and the
-chunk's output rows and error rows are committed together by :class:`endokern.io.RunWriter`, whose
-checkpoint makes a killed run resumable: output rows + error rows = input rows, no duplicates.
+A command's :class:`Task` turns an input row into examples and its results into output rows; :func:`process_chunk`
+takes one chunk of numbered input rows through a task (encoding, length checks, one ``score_encoded`` call, per-row
+errors) and is the unit both engines run: :func:`stream` in this process, the Ray engine on its actors. :func:`stream`
+reads the inputs in chunks (memory does not grow with the input) and commits each chunk's output and error rows
+together through :class:`endokern.io.RunWriter`, whose checkpoint makes a killed run resumable: output rows + error
+rows = input rows, no duplicates.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import formats
-from .io import InputRow, RunWriter, read_rows
+from .io import InputRow, RunWriter, read_inputs
 from .model import EndoRM, ScoreResult, progress_bar
-from .tokenization import Encoded, EncodeError, TextExample
+from .settings import Settings
+from .tokenization import Encoded, EncodeError, TextExample, resolve_template
 
 SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
 
@@ -95,36 +96,27 @@ class FilterTask(Task):
         return {"rejected": [out]}
 
 
-TASKS = ("score", "compare", "rank", "filter")
-
-
-def make_task(
-    command: str,
-    *,
-    template: str = "plain",
-    per_token: bool = False,
-    min_reward: Optional[float] = None,
-    keep_scored: bool = False,
-) -> Task:
-    """The :class:`Task` of a command: ``score``, ``compare`` (``template`` is the resolved ``plain`` or ``chat``,
-    which HH-RLHF transcripts need), ``rank`` or ``filter``."""
-    if command == "score":
-        return ScoreTask(per_token=per_token)
-    if command == "compare":
-        return CompareTask(template)
-    if command == "rank":
+def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> Task:
+    """The :class:`Task` of ``settings.command``. ``compare`` gets the template resolved by the model's tokenizer
+    (HH-RLHF transcripts become messages under a chat template); filter's ``keep_scored`` sends every scored row to
+    ``output`` (a later pass keeps the top fraction)."""
+    if settings.command == "score":
+        return ScoreTask(per_token=settings.per_token)
+    if settings.command == "compare":
+        return CompareTask(resolve_template(rm.tokenizer, settings.template))
+    if settings.command == "rank":
         return RankTask()
-    if command == "filter":
-        return FilterTask(min_reward, keep_scored=keep_scored)
-    raise ValueError(f"command must be one of {TASKS}, got {command!r}")
+    if settings.command == "filter":
+        return FilterTask(None if keep_scored else settings.min_reward, keep_scored=keep_scored)
+    raise ValueError(f"no task for command {settings.command!r}")
 
 
 @dataclass
 class RunStats:
-    rows: int = 0
+    rows: int = 0  # input rows done by this call
     errors: int = 0
-    examples: int = 0
-    tokens: int = 0
+    examples: int = 0  # responses scored
+    tokens: int = 0  # tokens the model ran: a prompt shared by several responses counts once, padding never
     seconds: float = 0.0
     resumed_from: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -141,70 +133,29 @@ class RunStats:
         return out
 
 
-def iter_inputs(paths: Sequence[str], num_shards: int, shard_index: int, start: int) -> Iterator[Tuple[InputRow, Optional[str]]]:
-    """Rows of one or more inputs, numbered across them; row i belongs to shard i % num_shards; the first
-    ``start`` rows of the shard are skipped. With several inputs a row without ``subset`` gets its file's name."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {num_shards}, {shard_index}")
-    offset, seen = 0, 0
-    for path in paths:
-        subset = file_stem(path) if len(paths) > 1 else None
-        last = -1
-        for item in read_rows(path):
-            last = item.index
-            index = offset + item.index
-            if index % num_shards != shard_index:
-                continue
-            seen += 1
-            if seen <= start:
-                continue
-            yield InputRow(index, item.row, item.error), subset
-        offset += last + 1
+def stream(rm: EndoRM, task: Task, settings: Settings, writer: RunWriter) -> RunStats:
+    """Stream ``settings.input`` through ``task`` into ``writer``, resuming after the rows it has committed.
 
-
-def file_stem(path: str) -> str:
-    """A data file's name without its data extensions (``a/b.jsonl.gz`` -> ``b``)."""
-    name = os.path.basename(path)
-    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return name
-
-
-def run(
-    rm: EndoRM,
-    task: Task,
-    inputs: Sequence[str],
-    writer: RunWriter,
-    *,
-    template: str = "auto",
-    system: Optional[str] = None,
-    append_eos: bool = False,
-    max_length: Optional[int] = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    limit: Optional[int] = None,
-    chunk_rows: int = 512,
-    progress: bool = True,
-) -> RunStats:
-    """Stream ``inputs`` through ``task`` into ``writer``, resuming after the rows it has committed."""
-    encoder = rm.encoder(template, system=system, append_eos=append_eos)
+    ``settings`` gives the text options (template, system, append_eos, max_length), the shard, ``limit``,
+    ``chunk_rows`` and ``progress``. The bar counts committed rows, and the tokens the model ran per second."""
+    encoder = rm.encoder(settings.template, system=settings.system, append_eos=settings.append_eos)
     stats = RunStats(resumed_from=writer.rows_done)
     if writer.complete:
         return stats
-    rows = iter_inputs(inputs, num_shards, shard_index, writer.rows_done)
+    rows = read_inputs(settings.input, settings.num_shards, settings.shard_index, writer.rows_done)
+    limit = settings.limit
     if limit is not None:
         rows = itertools.islice(rows, max(0, limit - writer.rows_done))
     total = None if limit is None else max(0, limit - writer.rows_done)
-    bar = progress_bar(total, task.name, disable=not progress)
+    bar = progress_bar(total, task.name, disable=not settings.progress)
     bar.bar.unit = "row"
     started = time.perf_counter()
     try:
         while True:
-            chunk = list(itertools.islice(rows, chunk_rows))
+            chunk = list(itertools.islice(rows, settings.chunk_rows))
             if not chunk:
                 break
-            streams = _run_chunk(rm, task, encoder, chunk, max_length, bar, stats)
+            streams = _run_chunk(rm, task, encoder, chunk, settings.max_length, bar, stats)
             writer.commit(streams, rows_consumed=len(chunk))
             stats.rows += len(chunk)
             stats.errors += len(streams.get("errors", []))
@@ -245,12 +196,12 @@ def process_chunk(
     """One chunk of input rows through ``task``: the rows of each output stream (``output``, ``errors``, and
     ``rejected`` for filter), each in input order.
 
-    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`iter_inputs` yields them; ``encoder`` is
+    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`endokern.io.read_inputs` yields them; ``encoder`` is
     ``rm.encoder(template, system=..., append_eos=...)``. A row that cannot be parsed, has no usable fields, fails to
     encode, or is longer than ``max_length`` (or the model's positions) goes to ``errors`` with the reason. The
     chunk's examples are encoded and scored together, so the same chunk gives the same results in any process.
-    ``stats`` (when given) counts the examples and tokens scored; ``progress(examples, tokens, rows_per_example)``
-    is called after each scored batch. Used by :func:`run` and by the Ray integration.
+    ``stats`` (when given) counts the examples scored and the tokens the model ran; ``progress(examples, tokens,
+    rows_per_example)`` is called after each scored batch. Used by :func:`stream` and by the Ray engine.
     """
     errors: List[dict] = []
     accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
@@ -308,16 +259,3 @@ def _error(index: int, row: Optional[Dict[str, Any]], reason: str) -> dict:
         out["id"] = row["id"]
     out["reason"] = reason
     return out
-
-
-def quantile_threshold(rewards: Sequence[float], top_fraction: float) -> float:
-    """The smallest reward among the top ``top_fraction`` of rows (at least one row kept when any exist)."""
-    if not 0 < top_fraction <= 1:
-        raise ValueError(f"top-fraction must be in (0, 1], got {top_fraction}")
-    ordered = sorted(rewards, reverse=True)
-    keep = max(1, int(round(top_fraction * len(ordered))))
-    return ordered[keep - 1]
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)

@@ -26,8 +26,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-TERMINALS = ("zero", "bootstrap")
-REDUCTIONS = ("sum", "mean")
+from .settings import check_reward
+
+IGNORE_INDEX = -100  # soft_values' target of a row that has none (each sequence's last response row)
 
 
 class ResponseRows(NamedTuple):
@@ -55,7 +56,7 @@ class Rewards(NamedTuple):
 
 
 def response_rows(
-    cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100
+    cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> ResponseRows:
     """The rows of section 1 in packed sequences, and their targets.
 
@@ -74,15 +75,36 @@ def response_rows(
         raise ValueError("every prompt needs at least one token (p >= 1)")
     if bool((seq_lens - prompt_lens < 1).any()):
         raise ValueError("every response needs at least one token (H = T - p >= 1)")
-    rows_per_seq = seq_lens - prompt_lens + 1
-    cu_rows = torch.zeros(len(seq_lens) + 1, dtype=torch.int64, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1] + prompt_lens  # 0-based position of x_{p+1}
+    return span_rows(starts - 1, starts, seq_lens - prompt_lens, input_ids, ignore_index)
+
+
+def span_rows(
+    prompt_last: torch.Tensor,
+    response_start: torch.Tensor,
+    response_len: torch.Tensor,
+    input_ids: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> ResponseRows:
+    """The rows of section 1 where each response's ``H`` tokens are contiguous in the flattened ``input_ids`` but its
+    prompt's last token (the state ``s_1``) may lie elsewhere, as when several responses share one prompt's forward.
+
+    Row 0 of sequence b is ``prompt_last[b]`` with target ``x_{p+1}``; row ``j = 1 .. H`` is
+    ``response_start[b] + j - 1`` with target the next response token, none (``ignore_index``) for ``j = H``.
+    """
+    device = input_ids.device
+    prompt_last = prompt_last.to(device=device, dtype=torch.int64)
+    response_start = response_start.to(device=device, dtype=torch.int64)
+    h = response_len.to(device=device, dtype=torch.int64)
+    rows_per_seq = h + 1
+    cu_rows = torch.zeros(len(h) + 1, dtype=torch.int64, device=device)
     torch.cumsum(rows_per_seq, 0, out=cu_rows[1:])
-    seq_of_row = torch.repeat_interleave(torch.arange(len(seq_lens), device=cu_seqlens.device), rows_per_seq)
-    row_in_seq = torch.arange(int(cu_rows[-1]), device=cu_seqlens.device) - cu_rows[:-1][seq_of_row]
-    # row j of sequence b is its 1-based position p + j, i.e. 0-based start + p - 1 + j
-    index = cu_seqlens[:-1][seq_of_row] + prompt_lens[seq_of_row] - 1 + row_in_seq
-    is_last = row_in_seq == rows_per_seq[seq_of_row] - 1
-    next_token = input_ids.to(torch.int64)[torch.where(is_last, index, index + 1)]
+    seq_of_row = torch.repeat_interleave(torch.arange(len(h), device=device), rows_per_seq)
+    j = torch.arange(int(cu_rows[-1]), device=device) - cu_rows[:-1][seq_of_row]
+    start = response_start[seq_of_row]
+    index = torch.where(j == 0, prompt_last[seq_of_row], start + j - 1)
+    is_last = j == h[seq_of_row]
+    next_token = input_ids.reshape(-1).to(torch.int64)[start + torch.where(is_last, j - 1, j)]
     targets = torch.where(is_last, torch.full_like(next_token, ignore_index), next_token)
     return ResponseRows(index, targets, cu_rows)
 
@@ -99,12 +121,7 @@ def sequence_rewards(
     entropy: Optional[torch.Tensor] = None,
 ) -> Rewards:
     """Token and sequence rewards from the soft values of packed response rows (see the module doc)."""
-    if terminal not in TERMINALS:
-        raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    check_reward(alpha, gamma, terminal, reduce)
     cu_rows = cu_rows.to(torch.int64)
     device = value.device
     rows_per_seq = cu_rows[1:] - cu_rows[:-1]

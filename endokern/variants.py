@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 from .model import ScoreResult
-from .reward import REDUCTIONS, TERMINALS
+from .settings import check_reward
 
 ONE_PASS = ("paper", "mean", "bootstrap", "gamma=0.93", "loglik", "loglik-mean")
 DEFAULT_VARIANTS = ONE_PASS + ("judge",)
@@ -97,8 +97,7 @@ def variant_score(result: ScoreResult, variant: Variant, alpha: float = 1.0) -> 
     """One response's score under ``variant``, from a result scored with ``per_token=True`` at ``alpha``."""
     if variant.kind == "judge":
         raise ValueError("the judge variant needs its own pass (endokern.evaluation.JudgeTask)")
-    if variant.terminal not in TERMINALS or variant.reduce not in REDUCTIONS:
-        raise ValueError(f"bad variant {variant}")
+    check_reward(alpha, variant.gamma, variant.terminal, variant.reduce)
     lp, values = result.token_logprobs, result.token_values
     if lp is None or values is None or result.final_value is None:
         raise ValueError("variant_score needs a result scored with per_token=True")

@@ -219,8 +219,9 @@ def test_shards_partition_the_rows(tmp_path, rng):
             assert r["reward"] == pytest.approx(full[r["id"]]["reward"], rel=1e-5, abs=1e-5)
         seen += [r["id"] for r in part]
     assert sorted(seen) == list(range(17))
-    with pytest.raises(ValueError, match="shard_index"):
+    with pytest.raises(SystemExit, match="shard-index"):  # a usage error, said before the model loads
         run_cli("score", "--input", src, "--output", tmp_path / "bad.jsonl", "--num-shards", 2, "--shard-index", 2)
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def test_rerun_of_a_finished_run_changes_nothing_and_other_arguments_are_refused(tmp_path, rng, capsys):

@@ -1,5 +1,5 @@
 """endokern explain (token pieces, the HTML page in a real headless browser, terminal colours), the CLI's
-explain and filter --plot, and the histogram PNG, with the stories260K fixture."""
+explain and filter --plot, with the stories260K fixture."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -347,23 +346,22 @@ def test_cli_filter_plot_in_both_modes(tmp_path, monkeypatch):
         run_cli("filter", "--input", src, "--min-reward", "0", "--plot", tmp_path / "x.png")
 
 
-def test_histogram_png(tmp_path, monkeypatch):
-    from endokern.plots import histogram_png
+def test_one_row_of_a_file_from_python(tmp_path):
+    from endokern.explain import read_row, row_examples
+    from endokern.formats import RowError
 
-    path = tmp_path / "h.png"
-    got = histogram_png(str(path), {"chosen": [0.5, 1.5, 2.0, -0.2, float("nan")], "rejected": [-1.0, -0.5, 0.1],
-                                    "none": []},
-                        title="margins", xlabel="margin", thresholds={"cut": 0.3}, bins=10)
-    assert got == str(path) and path.read_bytes()[:8] == PNG_SIGNATURE
-    from matplotlib import image
-
-    pixels = image.imread(str(path))
-    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
-    assert len({tuple(p) for p in (pixels[..., :3] * 255).astype(int).reshape(-1, 3)}) > 20
-    histogram_png(str(tmp_path / "empty.png"), {}, title="t", xlabel="x")
-    assert (tmp_path / "empty.png").read_bytes()[:8] == PNG_SIGNATURE
-    with pytest.raises(ValueError, match="bins"):
-        histogram_png(str(tmp_path / "b.png"), {"a": [1.0]}, title="t", xlabel="x", bins=0)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"pip install 'endokern\[plot\]'"):
-        histogram_png(str(tmp_path / "m.png"), {"a": [1.0]}, title="t", xlabel="x")
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "responses": ["a", "b", "c"]},
+            {"prompt": "p", "chosen": ["a", "b"], "rejected": ["c", "d"]}, {"prompt": "p", "chosen": "a"}]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{bad\n")
+    assert [read_row(str(src), i) for i in range(4)] == rows
+    assert row_examples(rows[0], "plain") == ([TextExample("p", "r")], ["response"])
+    assert row_examples(rows[1], "plain")[1] == ["response 0", "response 1", "response 2"]
+    examples, labels = row_examples(rows[2], "plain")
+    assert labels == ["chosen[0]", "chosen[1]", "rejected[0]", "rejected[1]"]
+    assert [e.response for e in examples] == ["a", "b", "c", "d"]
+    with pytest.raises(RowError, match="rejected"):
+        row_examples(rows[3], "plain")
+    for index, says in ((4, "bad JSON"), (5, "no row 5"), (-1, ">= 0")):
+        with pytest.raises(ValueError, match=says):
+            read_row(str(src), index)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import endokern.io as eio
 from endokern.io import InputRow, RunWriter, errors_path_for, read_rows, write_rows
@@ -77,11 +78,12 @@ def test_read_json_array_gz_with_leading_space_and_non_objects(tmp_path):
     ]
 
 
-def test_read_shared_benchmark_arrays():
-    rm_bench = Path("/work/shared/data/rm-bench/chat_filtered.json")
-    llmbar = Path("/work/shared/data/llmbar/LLMBar__Natural.json")
-    if not (rm_bench.exists() and llmbar.exists()):
-        pytest.skip("the shared RM-Bench / LLMBar files are not on this machine")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def test_read_benchmark_arrays():
+    rm_bench = EXAMPLES / "rm-bench-sample.json"  # the samples shipped with the project: JSON arrays of objects
+    llmbar = EXAMPLES / "LLMBar__Natural-sample.json"
     rows = list(read_rows(str(rm_bench)))
     assert len(rows) == len(json.loads(rm_bench.read_text(encoding="utf-8")))
     assert all(r.error is None and {"prompt", "chosen", "rejected"} <= r.row.keys() for r in rows)
@@ -179,6 +181,10 @@ def test_errors_path_for():
     assert errors_path_for("out.parquet") == "out.errors.jsonl"
     assert errors_path_for("out.v2.ndjson") == "out.v2.errors.jsonl"
     assert errors_path_for("-") == "-"
+    # one rule for every engine and file: extensions in any case; a folder (a Ray output) gets the suffix appended
+    assert errors_path_for("out.JSONL") == "out.errors.jsonl" and errors_path_for("o.Parquet") == "o.errors.jsonl"
+    assert errors_path_for("scores.v2") == "scores.v2.errors.jsonl"
+    assert eio.beside("runs/out.jsonl.gz", ".summary.json") == "runs/out.summary.json"
 
 
 WRITE_ROWS = [
@@ -496,3 +502,50 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path):
     indices = [json.loads(line)["index"] for line in (killed / "out.jsonl").read_text().splitlines()]
     assert indices == [i for i in range(1, 1200, 2) if i % 37]  # no duplicate, no lost row
     assert not (killed / "out.parquet.parts").exists()
+
+
+# ------------------------------------------------------------------------------------------------- several inputs
+
+
+def _random_inputs(tmp_path, gen):
+    """Two or three inputs of random sizes in random formats, with blank lines, a BOM and a bad line."""
+    paths = []
+    for k in range(int(torch.randint(2, 4, (1,), generator=gen))):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        rows = [{"k": k, "i": i} for i in range(n)]
+        kind = ["jsonl", "jsonl.gz", "parquet", "json"][int(torch.randint(0, 4, (1,), generator=gen))]
+        path = str(tmp_path / f"in{k}.{kind}")
+        if kind == "parquet":
+            write_rows(path, rows)
+        elif kind == "json":
+            Path(path).write_text(json.dumps(rows))
+        else:
+            lines = [json.dumps(r) for r in rows]
+            lines.insert(int(torch.randint(0, n, (1,), generator=gen)), "")  # a blank line is not a row
+            lines[-1] = "{bad json"
+            data = ("\ufeff" + "\n".join(lines) + "\n").encode()
+            with (gzip.open if kind.endswith("gz") else open)(path, "wb") as f:
+                f.write(data)
+        paths.append(path)
+    return paths
+
+
+def test_plan_numbers_chunks_as_the_streaming_reader_numbers_rows(tmp_path, gen):
+    paths = _random_inputs(tmp_path, gen)
+    streamed = list(eio.read_inputs(paths))
+    assert [item.index for item, _ in streamed] == list(range(len(streamed)))
+    chunk_rows = int(torch.randint(1, 12, (1,), generator=gen))
+    limit = None if bool(torch.rand((), generator=gen) < 0.5) else int(torch.randint(1, len(streamed) + 5, (1,), generator=gen))
+    files, chunks = eio.plan_inputs(paths, chunk_rows, limit)
+    expected = streamed[:limit] if limit is not None else streamed
+    assert sum(c.rows for c in chunks) == len(expected)
+    for c in chunks:
+        plan = files[c.file]
+        local = c.first - plan.offset
+        if plan.kind == "jsonl":
+            got = list(eio.jsonl_rows_from(plan.path, plan.seeks[local // chunk_rows], local))[: c.rows]
+        else:
+            got = list(eio.read_rows(plan.path, start=local))[: c.rows]
+        for item, (want, subset) in zip(got, expected[c.first : c.first + c.rows]):
+            assert plan.offset + item.index == want.index and item.row == want.row and item.error == want.error
+            assert plan.subset == subset

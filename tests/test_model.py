@@ -11,7 +11,7 @@ from model_utils import FIXTURE, assert_close_to_oracle, fixture_model, oracle, 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import endokern.model as model_module
-from endokern import EndoRM
+from endokern import EndoRM, batching
 
 
 def make_rm(**kwargs):
@@ -240,7 +240,9 @@ def test_responses_sharing_a_prompt_share_its_forward_and_match_oracle(gen, name
     shared = EndoRM(model, batch_tokens=200)
     assert shared.share_prompts and shared.attn_implementation == name.split("-")[1]
     prompts, responses = _shared_prompt_examples(gen, model.config.vocab_size)
-    batches = list(shared._batches([model_module.Encoded(p, r) for p, r in zip(prompts, responses)]))
+    encoded = [model_module.Encoded(p, r) for p, r in zip(prompts, responses)]
+    batches = list(batching.batches(encoded, batch_tokens=shared.batch_tokens, packing=shared.packing,
+                                    share_prompts=shared.share_prompts))
     assert any(b.attention_mask is not None for b in batches)  # some line holds several responses
     lines = sum(b.input_ids.shape[0] for b in batches)
     assert lines < len(prompts)

@@ -33,7 +33,8 @@ from test_cli import read_jsonl, sentence, write_jsonl  # noqa: E402
 
 from endokern import EndoRM  # noqa: E402
 from endokern.cli import main  # noqa: E402
-from endokern.integrations.ray import JOURNAL, STATE_DIR, Scorer, part_files  # noqa: E402
+from endokern.integrations.ray import Scorer  # noqa: E402
+from endokern.parts import JOURNAL, STATE_DIR, part_files  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,17 +178,21 @@ def test_filter_by_min_reward_and_top_fraction(tmp_path, rng):
 
 
 def test_scorer_in_a_users_pipeline(rng):
-    rows = [{"prompt": sentence(rng), "response": " " + sentence(rng)} for _ in range(12)]
-    rows[5] = {"prompt": "no response", "response": None}
+    rows = [{"id": i, "prompt": sentence(rng), "response": " " + sentence(rng)} for i in range(12)]
+    rows[5] = {"id": 5, "prompt": "no response", "response": None}
     ds = ray.data.from_items(rows)
     out = ds.map_batches(Scorer, fn_constructor_kwargs={"model": FIXTURE, "device": "cpu"},
                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=4, batch_format="pyarrow").take_all()
     assert len(out) == 12 and sum(r["stream"] == "output" for r in out) == 11
     errors = [r for r in out if r["stream"] == "errors"]
-    assert len(errors) == 1 and "response" in errors[0]["reason"]
+    assert len(errors) == 1 and "response" in errors[0]["reason"] and errors[0]["id"] == 5
     rm = EndoRM.from_pretrained(FIXTURE, device="cpu")
     good = [r for r in rows if r["response"]]
-    expected = sorted(r.reward for r in rm.score([r["prompt"] for r in good], [r["response"] for r in good]))
-    got = sorted(r["reward"] for r in out if r["stream"] == "output")
-    # other batches than the library's: equal to float32 rounding, not bit for bit
-    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    expected = {r["id"]: res.reward for r, res in zip(good, rm.score([r["prompt"] for r in good],
+                                                                      [r["response"] for r in good]))}
+    got = {r["id"]: r["reward"] for r in out if r["stream"] == "output"}
+    assert sorted(got) == sorted(expected)
+    # each reward on its own row (other batches than the library's: equal to float32 rounding, not bit for bit)
+    for i in expected:
+        assert got[i] == pytest.approx(expected[i], rel=1e-5, abs=1e-5), i
+    assert len(set(expected.values())) == len(expected)  # distinct rewards: a swap of two rows cannot pass

@@ -1,0 +1,241 @@
+"""The options of a run, once: defaults, validation, command-line arguments and the run key (SPEC section 4).
+
+:class:`Settings` is the one place an option lives (as vLLM's ``EngineArgs``): :class:`endokern.EndoRM` takes its
+model and reward fields (:meth:`Settings.model_kwargs`), :func:`endokern.runs.run` and the Ray engine take the whole
+object, and the command line builds its arguments from the fields (:meth:`Settings.add_arguments`) and parses them
+back (:meth:`Settings.from_args`). :meth:`Settings.validate` checks every value and raises :class:`SettingsError`
+(a ``ValueError``) with a one-line reason, before any model is loaded or file created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence
+
+from .assets import DEFAULT_MODEL
+
+TERMINALS = ("zero", "bootstrap")  # V(s_{H+1}) after the last response token: 0, or the model's value there
+REDUCTIONS = ("sum", "mean")
+TEMPLATES = ("auto", "plain", "chat")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("auto", "triton", "cpu", "torch")
+PACKINGS = {"auto": "auto", "on": True, "off": False}  # the command line's words -> EndoRM's packing
+COMMANDS = ("score", "compare", "rank", "filter")
+ENGINES = ("local", "ray")
+
+
+class SettingsError(ValueError):
+    """An option with a value it cannot take; the message is one line naming the option."""
+
+
+def check_reward(alpha: float, gamma: float, terminal: str, reduce: str) -> None:
+    """The reward options of SPEC section 1: ``alpha > 0`` finite, ``gamma`` finite, a known terminal and reduction."""
+    if not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+        raise SettingsError(f"alpha must be a finite number > 0, got {alpha}")
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise SettingsError(f"gamma must be finite, got {gamma}")
+    if terminal not in TERMINALS:
+        raise SettingsError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
+    if reduce not in REDUCTIONS:
+        raise SettingsError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+
+
+def check_top_fraction(top_fraction: Optional[float]) -> None:
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise SettingsError(f"top-fraction must be in (0, 1], got {top_fraction}")
+
+
+def _opt(default: Any, help: Optional[str] = None, *, group: str, choices: Optional[Sequence[Any]] = None,
+         key: bool = False, flag: Optional[str] = None, **argparse_kwargs: Any) -> Any:
+    """A field with its command-line flag: ``group`` says which commands have it, ``key`` whether it decides the
+    output (it is then part of the run key, and a resume with another value is refused)."""
+    meta = dict(help=help, group=group, choices=choices, key=key, flag=flag, argparse=argparse_kwargs)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """Every option of ``endokern score | compare | rank | filter`` (and of the model for ``explain`` and ``eval``).
+
+    Flag groups (which commands have them): ``model`` (the model, its text template, ``alpha``, the engine's batch
+    settings, ``max_length``: every command that loads a model), ``reward`` (``gamma``, ``terminal``, ``reduce``: not
+    ``eval``, whose variants set them), ``run`` (files, chunks, shards, resume: the file commands), a command's own
+    (``score``, ``compare``, ``filter``), and ``ray`` (the Ray engine's resources).
+    """
+
+    command: str = _opt("score", group="-", key=True)
+    # the model
+    model: str = _opt(DEFAULT_MODEL, f"a model folder, hub id, .gguf file, or '{DEFAULT_MODEL}' (the default, "
+                      "fetched once)", group="model", key=True)
+    template: str = _opt("auto", group="model", choices=TEMPLATES, key=True)
+    system: Optional[str] = _opt(None, "a system prompt for the chat template", group="model", key=True)
+    append_eos: bool = _opt(False, "score an EOS after each plain-template response", group="model", key=True)
+    alpha: float = _opt(1.0, "soft-value temperature (> 0)", group="model", key=True, type=float)
+    gamma: float = _opt(1.0, "discount of the next state's value", group="reward", key=True, type=float)
+    terminal: str = _opt("zero", group="reward", choices=TERMINALS, key=True)
+    reduce: str = _opt("sum", group="reward", choices=REDUCTIONS, key=True)
+    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda when present)", group="model")
+    dtype: Optional[str] = _opt(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", group="model",
+                                choices=DTYPES, key=True)
+    backend: str = _opt("auto", group="model", choices=BACKENDS, key=True)
+    packing: str = _opt("auto", "padding-free packing (auto: where flash-attn's varlen path runs)", group="model",
+                        choices=tuple(PACKINGS), key=True)
+    batch_tokens: Optional[int] = _opt(None, "tokens per forward batch, padding included (default: 1024 on CPU, "
+                                       "16384 on CUDA)", group="model", key=True, type=int)
+    max_length: Optional[int] = _opt(None, "rows with a longer sequence go to the errors file", group="model",
+                                     key=True, type=int)
+    # the run
+    input: List[str] = _opt(["-"], "JSONL, JSONL.gz, JSON, Parquet, or '-' (stdin); several files are read one "
+                            "after another", group="run", key=True, nargs="+")
+    output: str = _opt("-", "JSONL, JSONL.gz or Parquet by extension, or '-' (stdout)", group="run")
+    errors: Optional[str] = _opt(None, "where malformed rows go (default: beside the output, *.errors.jsonl)",
+                                 group="run")
+    overwrite: bool = _opt(False, "start over instead of resuming or refusing", group="run")
+    num_shards: int = _opt(1, group="run", key=True, type=int)
+    shard_index: int = _opt(0, group="run", key=True, type=int)
+    limit: Optional[int] = _opt(None, "score only the first N rows (of this shard)", group="run", key=True, type=int)
+    chunk_rows: int = _opt(512, "rows per committed chunk (the resume granularity)", group="run", key=True, type=int)
+    progress: bool = _opt(True, "no progress bar", group="run", flag="--no-progress")
+    # a command's own
+    per_token: bool = _opt(False, "also write token_rewards and token_logprobs", group="score")
+    summary: Optional[str] = _opt(None, "summary JSON (default: beside the output, *.summary.json)", group="compare")
+    min_reward: Optional[float] = _opt(None, "keep rows whose reward is at least this", group="filter", type=float)
+    top_fraction: Optional[float] = _opt(None, "keep this fraction of rows, best first", group="filter", type=float)
+    rejected: Optional[str] = _opt(None, "where the rows not kept go, with the reason (default: *.rejected.jsonl)",
+                                   group="filter")
+    plot: Optional[str] = _opt(None, "also write a histogram of the rewards (kept vs rejected) here", group="filter",
+                               metavar="PNG")
+    # the Ray engine
+    engine: str = _opt("local", "local: this process; ray: Ray Data workers, --output is a folder of Parquet parts",
+                       group="ray", choices=ENGINES)
+    num_workers: int = _opt(1, "ray: scoring actors (one model each)", group="ray", type=int)
+    address: Optional[str] = _opt(None, "ray: the cluster, HEAD:6379 or auto (default: RAY_ADDRESS, else one started "
+                                  "here with `ray start`, else a new local one)", group="ray")
+    num_gpus_per_worker: Optional[float] = _opt(None, "ray: GPUs per actor (default: 1 when the cluster has GPUs, "
+                                                "else 0)", group="ray", type=float)
+    num_cpus_per_worker: float = _opt(1, "ray: CPUs per actor, also its torch threads", group="ray", type=float)
+
+    # ------------------------------------------------------------------------------------------------ checks
+
+    def validate(self) -> "Settings":
+        """Check every value; raises :class:`SettingsError`. Returns ``self``."""
+        if self.command not in COMMANDS:
+            raise SettingsError(f"command must be one of {COMMANDS}, got {self.command!r}")
+        check_reward(self.alpha, self.gamma, self.terminal, self.reduce)
+        for name, allowed in (("template", TEMPLATES), ("backend", BACKENDS), ("packing", tuple(PACKINGS)),
+                              ("engine", ENGINES)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("batch_tokens", "chunk_rows", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.limit is not None and self.limit < 0:
+            raise SettingsError("--limit must be >= 0")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise SettingsError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, got num_shards "
+                                f"{self.num_shards}, shard_index {self.shard_index}")
+        if not self.input:
+            raise SettingsError("--input needs at least one file (or '-')")
+        if self.command == "filter":
+            if self.min_reward is None and self.top_fraction is None:
+                raise SettingsError("give --min-reward, --top-fraction, or both")
+            check_top_fraction(self.top_fraction)
+            if self.output == "-" and self.top_fraction is not None:
+                raise SettingsError("--top-fraction needs a file --output (it scores every row first)")
+            if self.plot and self.output == "-":
+                raise SettingsError("--plot needs a file --output (it reads the rewards back)")
+        if self.engine == "ray":
+            self._validate_ray()
+        return self
+
+    def _validate_ray(self) -> None:
+        from .io import OUTPUT_EXTENSIONS
+
+        out = self.output.rstrip("/\\") or self.output
+        if out == "-":
+            raise SettingsError("--engine ray writes a folder of Parquet files; give --output DIR")
+        if out.lower().endswith(tuple(e for e in OUTPUT_EXTENSIONS if e != ".parquet")):
+            raise SettingsError(f"--engine ray writes a folder of Parquet files, not {out}; give --output DIR")
+        if "-" in self.input:
+            raise SettingsError("--engine ray reads files, not standard input")
+        if self.num_shards != 1 or self.shard_index != 0:
+            raise SettingsError("--engine ray spreads the rows over its workers itself; leave out --num-shards and "
+                                "--shard-index")
+        if self.num_workers < 1:
+            raise SettingsError("--num-workers must be >= 1")
+
+    # ------------------------------------------------------------------------------------------------ uses
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of :meth:`endokern.EndoRM.from_pretrained` (after the model's name)."""
+        return dict(device=self.device, dtype=self.dtype, alpha=self.alpha, gamma=self.gamma, terminal=self.terminal,
+                    reduce=self.reduce, backend=self.backend, batch_tokens=self.batch_tokens,
+                    packing=PACKINGS[self.packing])
+
+    def run_key(self) -> Dict[str, Any]:
+        """The options that decide a run's output (a resume with other values is refused): the ``key`` fields, the
+        inputs as absolute paths, and the command's own (``per_token``; ``min_reward``, ``top_fraction``)."""
+        key: Dict[str, Any] = {"command": self.command}
+        order = ("model", "input", "template", "system", "append_eos", "alpha", "gamma", "terminal", "reduce",
+                 "dtype", "backend", "packing", "batch_tokens", "chunk_rows", "max_length", "num_shards",
+                 "shard_index", "limit")  # the order of checkpoints written so far: they resume byte for byte
+        key.update({name: getattr(self, name) for name in order})
+        key["input"] = [os.path.abspath(p) if p != "-" else p for p in self.input]
+        if self.engine != "local":
+            key["engine"] = self.engine
+        if self.command == "score":
+            key["per_token"] = self.per_token
+        if self.command == "filter":
+            key.update(min_reward=self.min_reward, top_fraction=self.top_fraction)
+        return key
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------------ command line
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, groups: Sequence[str],
+                      defaults: Optional[Dict[str, Any]] = None) -> None:
+        """Add the flags of the fields in ``groups`` (``model``, ``reward``, ``run``, a command, ``ray``) to
+        ``parser``; ``defaults`` overrides a field's default for this parser. A group left out keeps its defaults."""
+        defaults = defaults or {}
+        ray_group = None
+        for f in fields(cls):
+            meta = f.metadata
+            if meta.get("group") not in groups:
+                continue
+            target = parser
+            if meta["group"] == "ray":
+                if ray_group is None:
+                    ray_group = parser.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
+                target = ray_group
+            default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            kwargs = dict(meta["argparse"], help=meta["help"])
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                if flag.startswith("--no-"):
+                    kwargs.update(action="store_false", dest=f.name, default=default)
+                else:
+                    kwargs.update(action="store_true", default=default)
+            else:
+                kwargs.update(default=default)
+                if meta["choices"] is not None:
+                    kwargs["choices"] = meta["choices"]
+            target.add_argument(flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "Settings":
+        """The settings of parsed arguments (fields a parser lacks keep their defaults)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values.update(overrides)
+        return cls(**values)

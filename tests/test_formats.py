@@ -1,0 +1,93 @@
+"""Rows -> examples and results -> output rows, per layout (no model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from endokern import formats
+from endokern.tokenization import TextExample
+
+
+@pytest.fixture
+def rng(gen):
+    return random.Random(int(gen.initial_seed()))
+
+
+def words(rng, n=4):
+    return " ".join(rng.choice(["a", "cat", "ran", "home", "sun", "big"]) for _ in range(n))
+
+
+def test_score_and_rank_rows(rng):
+    prompt, response = words(rng), words(rng)
+    assert formats.score_examples({"prompt": prompt, "response": response}) == [TextExample(prompt, response)]
+    assert formats.score_examples({"prompt": "", "response": response}) == [TextExample("", response)]
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    assert formats.score_examples({"messages": messages}) == [TextExample(messages=messages)]
+    for row, says in (({"prompt": prompt}, "missing field 'response'"), ({"prompt": 3, "response": "x"}, "string"),
+                      ({"prompt": prompt, "response": ""}, "empty field"),
+                      ({"messages": messages[:1]}, "assistant"), ({"messages": []}, "non-empty")):
+        with pytest.raises(formats.RowError, match=says):
+            formats.score_examples(row)
+    responses = [words(rng) for _ in range(rng.randint(1, 5))]
+    assert formats.rank_examples({"prompt": prompt, "responses": responses}) == [
+        TextExample(prompt, r) for r in responses]
+    with pytest.raises(formats.RowError, match=r"responses\[1\]"):
+        formats.rank_examples({"prompt": prompt, "responses": ["x", ""]})
+
+
+def test_rank_output_takes_the_first_of_equal_rewards(rng):
+    rewards = [rng.uniform(-5, 5) for _ in range(rng.randint(2, 6))]
+    best = rng.randrange(len(rewards))
+    rewards[best] = max(rewards) + 1.0
+    rewards.append(rewards[best])  # a tie after it
+    out = formats.rank_output({"id": "x"}, 7, rewards)
+    assert out == {"id": "x", "rewards": rewards, "best": best, "best_reward": rewards[best]}
+    assert formats.rank_output({}, 7, rewards)["id"] == 7
+
+
+def test_preference_layouts(rng):
+    p, c, r = words(rng), words(rng), words(rng)
+    pair = formats.preference_examples({"prompt": p, "chosen": c, "rejected": r}, "plain")
+    assert (pair.examples, pair.k, pair.grid, pair.layout) == ([TextExample(p, c), TextExample(p, r)], 1, False, "pair")
+    label = rng.choice([1, 2, "1", "2"])
+    llmbar = formats.preference_examples({"input": p, "output_1": c, "output_2": r, "label": label}, "plain")
+    assert llmbar.examples == ([TextExample(p, c), TextExample(p, r)] if int(label) == 1
+                               else [TextExample(p, r), TextExample(p, c)])
+    k = rng.randint(1, 4)
+    chosen, rejected = [words(rng) for _ in range(k)], [words(rng) for _ in range(k)]
+    grid = formats.preference_examples({"prompt": p, "chosen": chosen, "rejected": rejected}, "plain")
+    assert grid.grid and grid.k == k and [e.response for e in grid.examples] == chosen + rejected
+    head = f"\n\nHuman: {p}\n\nAssistant: {c}\n\nHuman: {r}\n\nAssistant:"
+    hh = {"chosen": head + " yes " + c, "rejected": head + " no"}
+    plain = formats.preference_examples(hh, "plain")
+    assert [e.prompt for e in plain.examples] == [head, head] and plain.examples[1].response == " no"
+    chat = formats.preference_examples(hh, "chat")
+    assert chat.examples[1].messages == [{"role": "user", "content": p}, {"role": "assistant", "content": c},
+                                         {"role": "user", "content": r}, {"role": "assistant", "content": "no"}]
+    for row, says in (({"chosen": "a", "rejected": "b"}, "Assistant"), ({"prompt": p, "chosen": [c], "rejected": []},
+                      "equal length"), ({"input": p, "output_1": c, "output_2": r, "label": 3}, "label"),
+                      ({"chosen": head + " x", "rejected": "\n\nHuman: q\n\nAssistant: y"}, "differ")):
+        with pytest.raises(formats.RowError, match=says):
+            formats.preference_examples(row, "plain")
+
+
+def test_preference_output_grid_margins(rng):
+    k = rng.randint(2, 4)
+    rewards = [rng.uniform(-9, 9) for _ in range(2 * k)]
+    grid = formats.Preference([TextExample("p", "r")] * (2 * k), k, True, "rm-bench")
+    out = formats.preference_output({"subset": "s"}, 3, grid, rewards)
+    margins = [[rewards[i] - rewards[k + j] for j in range(k)] for i in range(k)]
+    assert out["id"] == 3 and out["subset"] == "s" and out["margins"] == margins
+    assert out["margin"] == pytest.approx(sum(map(sum, margins)) / k**2)
+    assert {n: out[n] for n in ("easy", "normal", "hard")} == formats.grid_accuracy(margins)
+    with pytest.raises(ValueError, match="NaN"):
+        formats.win(float("nan"))
+
+
+def test_optional_subset_names_only_rows_without_one():
+    row = {"a": 1}
+    assert formats.optional_subset(row, "f") == {"a": 1, "subset": "f"} and row == {"a": 1}
+    assert formats.optional_subset({"subset": "own"}, "f") == {"subset": "own"}
+    assert formats.optional_subset(row, None) is row

@@ -62,5 +62,4 @@ PYBIND11_MODULE(_cpu_kernel, m) {
         py::arg("alpha"), py::arg("softcap"), py::arg("with_entropy"), py::arg("value"),
         py::arg("target_logit"), py::arg("entropy"), py::arg("simd") = "auto", py::arg("threads") = 0);
   m.def("supported_simd", &supported_simd, "The SIMD paths this CPU runs, best last");
-  m.def("best_simd", []() { return std::string(endokern::simd_name(endokern::best_simd())); });
 }

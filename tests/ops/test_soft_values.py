@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,11 +194,50 @@ class _LargestAllocation(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_never_allocates_n_by_v(gen, backend):
+    """Every tensor PyTorch creates during the call (the torch backend's chunks, the buffers of the Triton and
+    C++ launchers); the C++ kernel's own memory is measured by test_peak_memory_is_not_n_by_v."""
     n, d, v = 600, 4, 1500  # small D: the interpreter copies the weight as V * D * 4 bytes
     hidden, weight, targets, bias = make_inputs(gen, n, d, v, torch.float32, with_bias=True)
     with _LargestAllocation() as watch:
         endokern.soft_values(hidden, weight, targets, bias=bias, softcap=30.0, return_entropy=True, backend=backend)
     assert 0 < watch.largest < n * v // 4, f"largest tensor {watch.largest} elements; N x V = {n * v}"
+
+
+_RSS_PROBE = """
+import sys, torch, endokern
+backend, n, d, v = sys.argv[1], *map(int, sys.argv[2:])
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+hidden, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / d ** 0.5
+targets = torch.randint(0, v, (n,), generator=g)
+def growth(fn):
+    fn()  # once first: thread pools and library buffers are not the call's memory
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set to the current one
+    rss = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) * 1024
+    before = rss("VmRSS")
+    fn()
+    return rss("VmHWM") - before
+print(growth(lambda: endokern.soft_values(hidden, weight, targets, softcap=30.0, return_entropy=True, backend=backend)))
+print(growth(lambda: torch.logsumexp(hidden @ weight.T, dim=1)))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resident-set high-water mark")
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_peak_memory_is_not_n_by_v(backend):
+    """What the process really allocates (C++ buffers too), not only PyTorch's tensors: growth of the peak RSS."""
+    from endokern.ops.registry import unavailable_reason
+
+    if unavailable_reason(backend, "cpu"):
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    n, d, v = 4096, 32, 32768  # N x V fp32 logits: 512 MB
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, backend, str(n), str(d), str(v)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours, naive = map(int, out.stdout.split())
+    logits = n * v * 4
+    assert naive >= 0.9 * logits, f"the probe cannot see the naive path's {logits} bytes (saw {naive})"
+    assert ours <= logits / 8, f"{backend}: peak resident set grew {ours / 2**20:.0f} MB; N x V fp32 is {logits >> 20} MB"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -280,13 +322,24 @@ def test_weight_modified_in_place_is_rechecked(write):
         endokern.soft_values(hidden, weight, targets, backend="torch")
 
 
-def test_unavailable_backend_says_why():
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+def test_unavailable_backend_says_why(monkeypatch, name):
+    """A backend that cannot load is refused by name with its reason, and "auto" falls back to torch."""
+    from endokern.ops import cpu_backend, triton_backend
+
+    reason = "the stand-in reason this backend cannot load"
+    if name == "cpu":
+        monkeypatch.setattr(cpu_backend, "UNAVAILABLE", reason)
+    else:
+        monkeypatch.setattr(triton_backend, "IMPORT_ERROR", reason)
     hidden, weight, targets = _good()
-    reasons = endokern.available_backends("cpu")
-    for name, reason in reasons.items():
-        if reason is not None:
-            with pytest.raises(RuntimeError, match="unavailable"):
-                endokern.soft_values(hidden, weight, targets, backend=name)
+    assert reason in endokern.available_backends("cpu")[name]
+    with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable: .*{reason}"):
+        endokern.soft_values(hidden, weight, targets, backend=name)
+    if name == "cpu":  # auto on CPU tensors: the C++ kernel when built, else the torch backend
+        out = endokern.soft_values(hidden, weight, targets, backend="auto")
+        same = endokern.soft_values(hidden, weight, targets, backend="torch")
+        assert same_bits(out.value, same.value)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

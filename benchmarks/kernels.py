@@ -1,17 +1,9 @@
 """Kernel benchmark (SPEC section 5): every contender side by side in one process, as ratios.
 
-Contenders (defined in benchmarks/contenders.py, shared with test_kernels.py), each computing per-row soft
-value (logsumexp) and target logit from hidden [N, D] and the LM head [V, D]:
-  matmul     torch.matmul(H, W.T) alone in the input dtype: the compute floor
-  naive      logits in the input dtype, then fp32 logsumexp and gather
-  torch      endokern backend="torch" (chunked PyTorch)
-  cpu        endokern backend="cpu" (the C++ kernel), when built
-  triton     endokern backend="triton", on CUDA
-  cce        Cut Cross-Entropy's linear_cross_entropy forward (LSE - target logit), if importable: its Triton
-             kernels on CUDA, its torch.compile path (impl="torch_compile") on the CPU
-  liger      Liger-Kernel's fused linear cross entropy forward, on CUDA, if importable
-  triton[C]  with --configs C,...: the Triton split kernel with launch config C of
-             endokern.ops.triton_backend.GPU_CANDIDATES (the ablation; also under TRITON_INTERPRET=1 on CPU)
+Contenders (bare matmul, naive, the endokern backends, Cut Cross-Entropy, Liger, and with --configs C,... the
+Triton kernel with each launch config C of triton_backend.GPU_CANDIDATES) are defined once in
+benchmarks/contenders.py, which benchmarks/test_kernels.py (pytest-benchmark) shares. Every contender's per-row
+loss is checked against the torch backend (column "rel err").
 
 Time is the median of --reps runs after a warm-up (CUDA events on GPU). Peak extra memory is what a
 contender adds on top of its inputs: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +27,46 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+class CommandFailed(SystemExit):
+    """How a command ends on a mistake: its one line (already on standard error) and the exit status, 2 for a usage
+    error, 1 for a failed run. ``str()`` is the line, so callers of :func:`main` can match it."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def describe(err: BaseException) -> Tuple[str, int]:
+    """The one line and the exit status of an exception that ends a command."""
+    from .io import LockedError
+
+    if isinstance(err, SettingsError):
+        return str(err), 2
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; run the same command again to resume where it stopped", 130
+    if isinstance(err, OSError) and err.strerror:  # FileExistsError and friends: the reason and the path
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror, 1
+    if isinstance(err, (LockedError, ValueError, RuntimeError, OSError, ImportError)):
+        line = " ".join(str(err).split()) or type(err).__name__
+        return line, 1
+    return f"internal error: {type(err).__name__}: {' '.join(str(err).split())} (run with --debug for the " \
+           "traceback, and report it)", 1
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     """Print which kernel backends run on a device, and why the others do not."""
-    for name, reason in available_backends(args.device).items():
+    from .settings import check_device
+
+    try:
+        check_device(args.device)
+        present = None
+    except SettingsError as err:
+        present = str(err)
+    for name, reason in available_backends("cpu" if present else args.device).items():
+        reason = present if present is not None else reason
         print(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
 
@@ -36,15 +74,12 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def _file_run(args: argparse.Namespace) -> int:
     from .runs import run
 
-    try:
-        settings = Settings.from_args(args).validate()
-    except SettingsError as err:
-        raise SystemExit(f"endokern {args.command}: {err}") from None
+    settings = Settings.from_args(args).validate()
     if settings.engine == "ray":
         try:
             import endokern.integrations.ray  # noqa: F401  (a missing Ray is a usage error, said before any file)
         except ImportError as err:
-            raise SystemExit(f"endokern {args.command}: {err}") from None
+            raise SettingsError(f"--engine ray: {err}") from None
     run(settings, log=_stderr)
     return 0
 
@@ -71,10 +106,12 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def _model_settings(args: argparse.Namespace) -> Settings:
     """The model and reward options of explain and eval (their other options are their own)."""
-    try:
-        return Settings.from_args(args, command="score", input=["-"], output="-").validate()
-    except SettingsError as err:
-        raise SystemExit(f"endokern {args.command}: {err}") from None
+    settings = Settings.from_args(args, command="score", input=["-"], output="-").validate()
+    from .settings import check_device, check_model
+
+    check_device(settings.device, settings.backend)
+    check_model(settings.model, settings.template)
+    return settings
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -85,14 +122,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .tokenization import EncodeError, TextExample, resolve_template
 
     if args.input is None and (args.prompt is None or not args.response):
-        raise SystemExit("endokern explain: give --prompt with one or more --response, or --input FILE --row N")
+        raise SettingsError("explain: give --prompt with one or more --response, or --input FILE --row N")
     if args.input is not None and (args.prompt is not None or args.response):
-        raise SystemExit("endokern explain: give either --prompt/--response or --input/--row, not both")
+        raise SettingsError("explain: give either --prompt/--response or --input/--row, not both")
     settings = _model_settings(args)
     try:
         row = read_row(args.input, args.row) if args.input is not None else None
-    except ValueError as err:
-        raise SystemExit(f"endokern explain: {err}") from None
+    except (ValueError, OSError) as err:
+        raise SettingsError(f"explain: {err}") from None
     rm = EndoRM.from_settings(settings)
     template = resolve_template(rm.tokenizer, settings.template)
     source = None
@@ -104,12 +141,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         try:
             examples, labels = row_examples(row, template)
         except RowError as err:
-            raise SystemExit(f"endokern explain: row {args.row} of {args.input}: {err}") from None
+            raise SettingsError(f"explain: row {args.row} of {args.input}: {err}") from None
     try:
         explained = explain(rm, examples, labels, template=template, system=settings.system,
                             append_eos=settings.append_eos, max_length=settings.max_length)
     except (EncodeError, ValueError) as err:  # an example that cannot be encoded, or longer than the model's context
-        raise SystemExit(f"endokern explain: {err}") from None
+        raise RuntimeError(f"explain: {err}") from None
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     sys.stdout.write(render_terminal(explained, color=color, metric=args.color_by))
     if args.html:
@@ -136,9 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         variants = parse_variants(args.variants)
         suites = evaluation.resolve_suites(args.suite, args.data)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"endokern eval: {err}")
+        raise SettingsError(f"eval: {err}") from None
     if args.max_rows is not None and args.max_rows < 1:
-        raise SystemExit("endokern eval: --max-rows must be >= 1")
+        raise SettingsError("eval: --max-rows must be >= 1")
     settings = _model_settings(args)
     rm = EndoRM.from_settings(settings)
     template = resolve_template(rm.tokenizer, settings.template)
@@ -163,7 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endokern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"endokern {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub_add = sub.add_parser
+
+    def add_parser(name, **kwargs):  # every command also takes --debug after its name
+        p = sub_add(name, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+        return p
+
+    sub.add_parser = add_parser
     backends = sub.add_parser("backends", help=_doc(cmd_backends))
     backends.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     backends.set_defaults(func=cmd_backends)
@@ -211,8 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, run one command, and end every mistake the same way: one line ``endokern: <what and what to do>`` on
+    standard error and exit 2 (usage) or 1 (a failed run); the traceback only with ``--debug``."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (Exception, KeyboardInterrupt) as err:
+        if isinstance(err, SystemExit):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        line, code = describe(err)
+        _stderr(f"endokern: {line}")
+        raise CommandFailed(line, code) from None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,54 @@ class RowError(ValueError):
     """A row that cannot be scored, with the reason."""
 
 
+FIELD_NAMES = ("prompt", "response", "messages", "chosen", "rejected", "responses", "id", "subset", "response_a",
+               "response_b", "label")
+
+
+def parse_fields(spec: str) -> Dict[str, str]:
+    """``"prompt=question,chosen=answers.good"`` -> ``{"prompt": "question", "chosen": "answers.good"}``; ValueError
+    for an unknown name, a name given twice, or an item that is not NAME=COLUMN."""
+    mapping: Dict[str, str] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, eq, column = (x.strip() for x in item.partition("="))
+        if not eq or not name or not column:
+            raise ValueError(f"{item!r} is not NAME=COLUMN")
+        if name not in FIELD_NAMES:
+            raise ValueError(f"unknown name {name!r}; the names are {', '.join(FIELD_NAMES)}")
+        if name in mapping:
+            raise ValueError(f"{name!r} is mapped twice")
+        mapping[name] = column
+    if not mapping:
+        raise ValueError("give NAME=COLUMN[,NAME=COLUMN...]")
+    return mapping
+
+
+def map_fields(row: Dict[str, Any], mapping: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    """The row with ``mapping``'s names set from its columns (a dotted column reads a nested field: ``a.b`` is
+    ``row["a"]["b"]``, or the column literally named ``a.b`` when the row has one); the mapped columns are kept too.
+    A mapped column the row lacks raises :class:`RowError` naming it."""
+    if not mapping:
+        return row
+    out = dict(row)
+    for name, column in mapping.items():
+        if column in row:
+            out[name] = row[column]
+            continue
+        value: Any = row
+        for key in column.split("."):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                raise RowError(f"--fields {name}={column}: the row has no {column!r} "
+                               f"(its columns: {', '.join(map(str, row)) or 'none'})")
+        out[name] = value
+    return out
+
+
 def row_id(row: Dict[str, Any], index: int) -> Any:
     """The input's ``id``, else the row number."""
     value = row.get("id")

@@ -97,6 +97,15 @@ class Encoder:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")
         self.end_of_turn = set(end_of_turn) if end_of_turn is not None else set(end_of_turn_ids(tokenizer))
 
+    def max_chars(self, max_tokens: int) -> int:
+        """A bound on the characters of a text of at most ``max_tokens`` tokens: ``max_tokens`` times the longest
+        token of the vocabulary (plus the chat template's own text). A longer text cannot fit, so it can be refused
+        before the tokenizer turns it all into ids."""
+        if not hasattr(self, "_longest_token"):
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self._longest_token = max((len(t) for t in vocab), default=0) or 64
+        return max_tokens * self._longest_token + 4096
+
     def encode(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
         if self.template == "chat":
             return self._encode_chat(examples)

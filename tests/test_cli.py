@@ -232,8 +232,9 @@ def test_rerun_of_a_finished_run_changes_nothing_and_other_arguments_are_refused
     before = out.read_bytes()
     run_cli("score", "--input", src, "--output", out)
     assert out.read_bytes() == before and "already complete" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(SystemExit, match="alpha") as refused:  # a usage error: exit 2, one line
         run_cli("score", "--input", src, "--output", out, "--alpha", "2")
+    assert refused.value.code == 2
     run_cli("score", "--input", src, "--output", out, "--alpha", "2", "--overwrite")
     assert out.read_bytes() != before
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Optional, Sequence, Tuple
@@ -162,8 +163,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Preference suites (RM-Bench, LLMBar / Chat Hard, HH-RLHF, any compare file) under reward variants and
     baselines: accuracy with 95% bootstrap intervals and speed, as report.md and report.json."""
-    import os
-
     from . import evaluation
     from .model import EndoRM
     from .tokenization import resolve_template
@@ -176,10 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SettingsError(f"eval: {err}") from None
     if args.max_rows is not None and args.max_rows < 1:
         raise SettingsError("eval: --max-rows must be >= 1")
+    if args.max_error_fraction is not None and not 0 <= args.max_error_fraction <= 1:
+        raise SettingsError(f"eval: --max-error-fraction must be in [0, 1], got {args.max_error_fraction}")
     settings = _model_settings(args)
     rm = EndoRM.from_settings(settings)
     template = resolve_template(rm.tokenizer, settings.template)
-    _, markdown = evaluation.evaluate(
+    report, markdown = evaluation.evaluate(
         rm, suites, variants, args.output, model=settings.model, template=template, system=settings.system,
         data=args.data, max_rows=args.max_rows, seed=args.seed, bootstrap=args.bootstrap,
         max_length=settings.max_length, chunk_rows=settings.chunk_rows, packing=settings.packing,
@@ -188,7 +189,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown)
     _stderr(f"endokern eval: report in {os.path.join(args.output, 'report.md')} and "
             f"{os.path.join(args.output, 'report.json')}")
+    _check_eval_errors(args.output, report["passes"], args.max_error_fraction)
     return 0
+
+
+def _check_eval_errors(folder: str, passes, max_error_fraction: Optional[float]) -> None:
+    """RuntimeError when a pass of a suite scored no row, or more than ``max_error_fraction`` of its rows failed."""
+    from .io import read_rows
+
+    for p in passes:
+        base = os.path.join(folder, f"{p['suite']}.{p['name']}")
+        scored = sum(1 for _ in read_rows(base + ".jsonl")) if os.path.exists(base + ".jsonl") else 0
+        errors = [e.row for e in read_rows(base + ".errors.jsonl")] if os.path.exists(base + ".errors.jsonl") else []
+        total = scored + len(errors)
+        first = "; ".join(f"row {e.get('row')}: {e.get('reason')}" for e in errors[:3] if e)
+        where = f" (first: {first}; see {base}.errors.jsonl)" if errors else ""
+        if total and not scored:
+            raise RuntimeError(f"eval: no row of {p['suite']} could be scored ({p['name']} pass): all {total} rows "
+                               f"are errors{where}")
+        if max_error_fraction is not None and total and len(errors) / total > max_error_fraction:
+            raise RuntimeError(f"eval: {len(errors)} of {total} rows of {p['suite']} are errors ({p['name']} pass), "
+                               f"more than --max-error-fraction {max_error_fraction:g}{where}")
 
 
 def _doc(command) -> str:
@@ -252,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     ev.add_argument("--chunk-rows", type=int, default=64, help="rows per committed chunk (the resume granularity)")
     ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ev.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
+                    help="fail (exit 1) when more than this fraction of a suite's rows are errors (a suite with no "
+                         "scorable row always fails)")
     Settings.add_arguments(ev, ("model",))
     ev.set_defaults(func=cmd_eval)
     return parser

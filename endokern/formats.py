@@ -107,10 +107,12 @@ def score_examples(row: Dict[str, Any]) -> List[TextExample]:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowError("each message needs 'role' and 'content' strings")
-        if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-            raise RowError("the last message must be a non-empty assistant turn (the response to score)")
+        if messages[-1]["role"] != "assistant":
+            raise RowError("the last message must be the assistant turn (the response to score)")
         return [TextExample(messages=messages)]
-    return [TextExample(prompt=_text(row, "prompt", allow_empty=True), response=_text(row, "response"))]
+    # an empty response is scored under a chat template (its end-of-turn token); the encoder refuses it under plain
+    return [TextExample(prompt=_text(row, "prompt", allow_empty=True),
+                        response=_text(row, "response", allow_empty=True))]
 
 
 def rank_examples(row: Dict[str, Any]) -> List[TextExample]:
@@ -120,8 +122,8 @@ def rank_examples(row: Dict[str, Any]) -> List[TextExample]:
     if not isinstance(responses, list) or not responses:
         raise RowError("field 'responses' must be a non-empty list of strings")
     for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r:
-            raise RowError(f"responses[{i}] must be a non-empty string")
+        if not isinstance(r, str):
+            raise RowError(f"responses[{i}] must be a string")
     return [TextExample(prompt=prompt, response=r) for r in responses]
 
 
@@ -155,14 +157,15 @@ def preference_examples(row: Dict[str, Any], template: str) -> Preference:
         prompt = _text(row, "prompt", allow_empty=True)
         for name, values in (("chosen", chosen), ("rejected", rejected)):
             for i, v in enumerate(values):
-                if not isinstance(v, str) or not v:
-                    raise RowError(f"{name}[{i}] must be a non-empty string")
+                if not isinstance(v, str):
+                    raise RowError(f"{name}[{i}] must be a string")
         examples = [TextExample(prompt, r) for r in list(chosen) + list(rejected)]
         return Preference(examples, len(chosen), True, "rm-bench")
     if "prompt" in row:
         prompt = _text(row, "prompt", allow_empty=True)
         return Preference(
-            [TextExample(prompt, _text(row, "chosen")), TextExample(prompt, _text(row, "rejected"))], 1, False, "pair"
+            [TextExample(prompt, _text(row, "chosen", True)), TextExample(prompt, _text(row, "rejected", True))], 1,
+            False, "pair"
         )
     return Preference(_hh_examples(_text(row, "chosen"), _text(row, "rejected"), template), 1, False, "hh-rlhf")
 

@@ -1,4 +1,4 @@
-"""The ``endokern`` command line: a thin shell over the library (SPEC section 4).
+"""The ``endokern`` command line: a thin shell over the library.
 
     endokern score    rows with prompt + response (or messages)  -> id, reward, reward_mean, logprob, num_tokens
     endokern compare  preference rows (pairs, RM-Bench, LLMBar, HH-RLHF) -> per-row margins + a summary

@@ -1,4 +1,4 @@
-"""The ``endokern`` command line: a thin shell over the library (SPEC section 4).
+"""The ``endokern`` command line: a thin shell over the library.
 
     endokern score    rows with prompt + response (or messages)  -> id, reward, reward_mean, logprob, num_tokens
     endokern compare  preference rows (pairs, RM-Bench, LLMBar, HH-RLHF) -> per-row margins + a summary
@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +28,46 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+class CommandFailed(SystemExit):
+    """How a command ends on a mistake: its one line (already on standard error) and the exit status, 2 for a usage
+    error, 1 for a failed run. ``str()`` is the line, so callers of :func:`main` can match it."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def describe(err: BaseException) -> Tuple[str, int]:
+    """The one line and the exit status of an exception that ends a command."""
+    from .io import LockedError
+
+    if isinstance(err, SettingsError):
+        return str(err), 2
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; run the same command again to resume where it stopped", 130
+    if isinstance(err, OSError) and err.strerror:  # FileExistsError and friends: the reason and the path
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror, 1
+    if isinstance(err, (LockedError, ValueError, RuntimeError, OSError, ImportError)):
+        line = " ".join(str(err).split()) or type(err).__name__
+        return line, 1
+    return f"internal error: {type(err).__name__}: {' '.join(str(err).split())} (run with --debug for the " \
+           "traceback, and report it)", 1
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     """Print which kernel backends run on a device, and why the others do not."""
-    for name, reason in available_backends(args.device).items():
+    from .settings import check_device
+
+    try:
+        check_device(args.device)
+        present = None
+    except SettingsError as err:
+        present = str(err)
+    for name, reason in available_backends("cpu" if present else args.device).items():
+        reason = present if present is not None else reason
         print(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
 
@@ -36,15 +75,12 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def _file_run(args: argparse.Namespace) -> int:
     from .runs import run
 
-    try:
-        settings = Settings.from_args(args).validate()
-    except SettingsError as err:
-        raise SystemExit(f"endokern {args.command}: {err}") from None
+    settings = Settings.from_args(args).validate()
     if settings.engine == "ray":
         try:
             import endokern.integrations.ray  # noqa: F401  (a missing Ray is a usage error, said before any file)
         except ImportError as err:
-            raise SystemExit(f"endokern {args.command}: {err}") from None
+            raise SettingsError(f"--engine ray: {err}") from None
     run(settings, log=_stderr)
     return 0
 
@@ -71,10 +107,12 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def _model_settings(args: argparse.Namespace) -> Settings:
     """The model and reward options of explain and eval (their other options are their own)."""
-    try:
-        return Settings.from_args(args, command="score", input=["-"], output="-").validate()
-    except SettingsError as err:
-        raise SystemExit(f"endokern {args.command}: {err}") from None
+    settings = Settings.from_args(args, command="score", input=["-"], output="-").validate()
+    from .settings import check_device, check_model
+
+    check_device(settings.device, settings.backend)
+    check_model(settings.model, settings.template)
+    return settings
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -85,14 +123,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .tokenization import EncodeError, TextExample, resolve_template
 
     if args.input is None and (args.prompt is None or not args.response):
-        raise SystemExit("endokern explain: give --prompt with one or more --response, or --input FILE --row N")
+        raise SettingsError("explain: give --prompt with one or more --response, or --input FILE --row N")
     if args.input is not None and (args.prompt is not None or args.response):
-        raise SystemExit("endokern explain: give either --prompt/--response or --input/--row, not both")
+        raise SettingsError("explain: give either --prompt/--response or --input/--row, not both")
     settings = _model_settings(args)
     try:
         row = read_row(args.input, args.row) if args.input is not None else None
-    except ValueError as err:
-        raise SystemExit(f"endokern explain: {err}") from None
+    except (ValueError, OSError) as err:
+        raise SettingsError(f"explain: {err}") from None
     rm = EndoRM.from_settings(settings)
     template = resolve_template(rm.tokenizer, settings.template)
     source = None
@@ -104,12 +142,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         try:
             examples, labels = row_examples(row, template)
         except RowError as err:
-            raise SystemExit(f"endokern explain: row {args.row} of {args.input}: {err}") from None
+            raise SettingsError(f"explain: row {args.row} of {args.input}: {err}") from None
     try:
         explained = explain(rm, examples, labels, template=template, system=settings.system,
                             append_eos=settings.append_eos, max_length=settings.max_length)
     except (EncodeError, ValueError) as err:  # an example that cannot be encoded, or longer than the model's context
-        raise SystemExit(f"endokern explain: {err}") from None
+        raise RuntimeError(f"explain: {err}") from None
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     sys.stdout.write(render_terminal(explained, color=color, metric=args.color_by))
     if args.html:
@@ -125,8 +163,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Preference suites (RM-Bench, LLMBar / Chat Hard, HH-RLHF, any compare file) under reward variants and
     baselines: accuracy with 95% bootstrap intervals and speed, as report.md and report.json."""
-    import os
-
     from . import evaluation
     from .model import EndoRM
     from .tokenization import resolve_template
@@ -136,13 +172,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         variants = parse_variants(args.variants)
         suites = evaluation.resolve_suites(args.suite, args.data)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"endokern eval: {err}")
+        raise SettingsError(f"eval: {err}") from None
     if args.max_rows is not None and args.max_rows < 1:
-        raise SystemExit("endokern eval: --max-rows must be >= 1")
+        raise SettingsError("eval: --max-rows must be >= 1")
+    if args.max_error_fraction is not None and not 0 <= args.max_error_fraction <= 1:
+        raise SettingsError(f"eval: --max-error-fraction must be in [0, 1], got {args.max_error_fraction}")
     settings = _model_settings(args)
     rm = EndoRM.from_settings(settings)
     template = resolve_template(rm.tokenizer, settings.template)
-    _, markdown = evaluation.evaluate(
+    report, markdown = evaluation.evaluate(
         rm, suites, variants, args.output, model=settings.model, template=template, system=settings.system,
         data=args.data, max_rows=args.max_rows, seed=args.seed, bootstrap=args.bootstrap,
         max_length=settings.max_length, chunk_rows=settings.chunk_rows, packing=settings.packing,
@@ -151,7 +189,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown)
     _stderr(f"endokern eval: report in {os.path.join(args.output, 'report.md')} and "
             f"{os.path.join(args.output, 'report.json')}")
+    _check_eval_errors(args.output, report["passes"], args.max_error_fraction)
     return 0
+
+
+def _check_eval_errors(folder: str, passes, max_error_fraction: Optional[float]) -> None:
+    """RuntimeError when a pass of a suite scored no row, or more than ``max_error_fraction`` of its rows failed."""
+    from .io import read_rows
+
+    for p in passes:
+        base = os.path.join(folder, f"{p['suite']}.{p['name']}")
+        scored = sum(1 for _ in read_rows(base + ".jsonl")) if os.path.exists(base + ".jsonl") else 0
+        errors = [e.row for e in read_rows(base + ".errors.jsonl")] if os.path.exists(base + ".errors.jsonl") else []
+        total = scored + len(errors)
+        first = "; ".join(f"row {e.get('row')}: {e.get('reason')}" for e in errors[:3] if e)
+        where = f" (first: {first}; see {base}.errors.jsonl)" if errors else ""
+        if total and not scored:
+            raise RuntimeError(f"eval: no row of {p['suite']} could be scored ({p['name']} pass): all {total} rows "
+                               f"are errors{where}")
+        if max_error_fraction is not None and total and len(errors) / total > max_error_fraction:
+            raise RuntimeError(f"eval: {len(errors)} of {total} rows of {p['suite']} are errors ({p['name']} pass), "
+                               f"more than --max-error-fraction {max_error_fraction:g}{where}")
 
 
 def _doc(command) -> str:
@@ -163,7 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endokern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"endokern {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub_add = sub.add_parser
+
+    def add_parser(name, **kwargs):  # every command also takes --debug after its name
+        p = sub_add(name, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+        return p
+
+    sub.add_parser = add_parser
     backends = sub.add_parser("backends", help=_doc(cmd_backends))
     backends.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     backends.set_defaults(func=cmd_backends)
@@ -205,14 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     ev.add_argument("--chunk-rows", type=int, default=64, help="rows per committed chunk (the resume granularity)")
     ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ev.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
+                    help="fail (exit 1) when more than this fraction of a suite's rows are errors (a suite with no "
+                         "scorable row always fails)")
     Settings.add_arguments(ev, ("model",))
     ev.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, run one command, and end every mistake the same way: one line ``endokern: <what and what to do>`` on
+    standard error and exit 2 (usage) or 1 (a failed run); the traceback only with ``--debug``."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (Exception, KeyboardInterrupt) as err:
+        if isinstance(err, SystemExit):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        line, code = describe(err)
+        _stderr(f"endokern: {line}")
+        raise CommandFailed(line, code) from None
 
 
 if __name__ == "__main__":

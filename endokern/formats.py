@@ -33,6 +33,54 @@ class RowError(ValueError):
     """A row that cannot be scored, with the reason."""
 
 
+FIELD_NAMES = ("prompt", "response", "messages", "chosen", "rejected", "responses", "id", "subset", "response_a",
+               "response_b", "label")
+
+
+def parse_fields(spec: str) -> Dict[str, str]:
+    """``"prompt=question,chosen=answers.good"`` -> ``{"prompt": "question", "chosen": "answers.good"}``; ValueError
+    for an unknown name, a name given twice, or an item that is not NAME=COLUMN."""
+    mapping: Dict[str, str] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, eq, column = (x.strip() for x in item.partition("="))
+        if not eq or not name or not column:
+            raise ValueError(f"{item!r} is not NAME=COLUMN")
+        if name not in FIELD_NAMES:
+            raise ValueError(f"unknown name {name!r}; the names are {', '.join(FIELD_NAMES)}")
+        if name in mapping:
+            raise ValueError(f"{name!r} is mapped twice")
+        mapping[name] = column
+    if not mapping:
+        raise ValueError("give NAME=COLUMN[,NAME=COLUMN...]")
+    return mapping
+
+
+def map_fields(row: Dict[str, Any], mapping: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    """The row with ``mapping``'s names set from its columns (a dotted column reads a nested field: ``a.b`` is
+    ``row["a"]["b"]``, or the column literally named ``a.b`` when the row has one); the mapped columns are kept too.
+    A mapped column the row lacks raises :class:`RowError` naming it."""
+    if not mapping:
+        return row
+    out = dict(row)
+    for name, column in mapping.items():
+        if column in row:
+            out[name] = row[column]
+            continue
+        value: Any = row
+        for key in column.split("."):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                raise RowError(f"--fields {name}={column}: the row has no {column!r} "
+                               f"(its columns: {', '.join(map(str, row)) or 'none'})")
+        out[name] = value
+    return out
+
+
 def row_id(row: Dict[str, Any], index: int) -> Any:
     """The input's ``id``, else the row number."""
     value = row.get("id")
@@ -59,10 +107,12 @@ def score_examples(row: Dict[str, Any]) -> List[TextExample]:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowError("each message needs 'role' and 'content' strings")
-        if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-            raise RowError("the last message must be a non-empty assistant turn (the response to score)")
+        if messages[-1]["role"] != "assistant":
+            raise RowError("the last message must be the assistant turn (the response to score)")
         return [TextExample(messages=messages)]
-    return [TextExample(prompt=_text(row, "prompt", allow_empty=True), response=_text(row, "response"))]
+    # an empty response is scored under a chat template (its end-of-turn token); the encoder refuses it under plain
+    return [TextExample(prompt=_text(row, "prompt", allow_empty=True),
+                        response=_text(row, "response", allow_empty=True))]
 
 
 def rank_examples(row: Dict[str, Any]) -> List[TextExample]:
@@ -72,8 +122,8 @@ def rank_examples(row: Dict[str, Any]) -> List[TextExample]:
     if not isinstance(responses, list) or not responses:
         raise RowError("field 'responses' must be a non-empty list of strings")
     for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r:
-            raise RowError(f"responses[{i}] must be a non-empty string")
+        if not isinstance(r, str):
+            raise RowError(f"responses[{i}] must be a string")
     return [TextExample(prompt=prompt, response=r) for r in responses]
 
 
@@ -107,14 +157,15 @@ def preference_examples(row: Dict[str, Any], template: str) -> Preference:
         prompt = _text(row, "prompt", allow_empty=True)
         for name, values in (("chosen", chosen), ("rejected", rejected)):
             for i, v in enumerate(values):
-                if not isinstance(v, str) or not v:
-                    raise RowError(f"{name}[{i}] must be a non-empty string")
+                if not isinstance(v, str):
+                    raise RowError(f"{name}[{i}] must be a string")
         examples = [TextExample(prompt, r) for r in list(chosen) + list(rejected)]
         return Preference(examples, len(chosen), True, "rm-bench")
     if "prompt" in row:
         prompt = _text(row, "prompt", allow_empty=True)
         return Preference(
-            [TextExample(prompt, _text(row, "chosen")), TextExample(prompt, _text(row, "rejected"))], 1, False, "pair"
+            [TextExample(prompt, _text(row, "chosen", True)), TextExample(prompt, _text(row, "rejected", True))], 1,
+            False, "pair"
         )
     return Preference(_hh_examples(_text(row, "chosen"), _text(row, "rejected"), template), 1, False, "hh-rlhf")
 

@@ -81,6 +81,7 @@ class InputRow:
     index: int  # 0-based row number in the whole input (before sharding); blank lines are not rows
     row: Optional[dict]  # the parsed object, or None when it could not be parsed
     error: Optional[str]  # why it could not be parsed ("bad JSON: <msg>", "row is not a JSON object"), else None
+    damaged: bool = False  # the file is damaged here: reading stopped, and no row after this one could be read
 
 
 def read_rows(path: str, *, num_shards: int = 1, shard_index: int = 0, start: int = 0) -> Iterator[InputRow]:
@@ -142,10 +143,48 @@ def _stdin_lines() -> Iterator[bytes]:
         yield line.encode("utf-8", "surrogatepass")
 
 
+class DamagedInput(Exception):
+    """A file that cannot be read to its end (a truncated or corrupt gzip stream); ``complete`` holds the lines read
+    before the damage, ``reason`` what went wrong."""
+
+
 def _file_jsonl_rows(path: str, fmt: str, keep: Callable[[int], bool]) -> Iterator[InputRow]:
-    """The rows of a (possibly gzip) JSON Lines file; the file stays open only while the generator runs."""
+    """The rows of a (possibly gzip) JSON Lines file; the file stays open only while the generator runs. A gzip file
+    that ends early or is corrupt gives every complete line before the damage, then one damaged row saying where
+    and why reading stopped (it is never dropped: every later row is unreadable)."""
     with open_binary(path, fmt) as f:
-        yield from _jsonl_rows(f, keep)
+        lines = _whole_lines(f, path) if fmt == "gz" else f
+        index = -1
+        try:
+            for index, _, line in numbered_lines(lines):
+                if keep(index):
+                    yield parse_line(index, line)
+        except DamagedInput as err:
+            yield InputRow(index + 1, None, f"damaged input: {path}: reading stopped at row {index + 1}: {err}; "
+                           "the rows before it were read", damaged=True)
+
+
+def _whole_lines(f: IO[bytes], path: str) -> Iterator[bytes]:
+    """The lines of a decompressing reader, only those ended by a newline (or by the true end of the stream):
+    a line cut by damage raises :class:`DamagedInput` instead of being returned as a row."""
+    import zlib
+
+    tail = b""
+    while True:
+        try:
+            block = f.read1(_BLOCK_BYTES)  # one decompressed piece: read() would drop what it holds on damage
+        except EOFError:
+            raise DamagedInput("the compressed stream ends early (a truncated file)") from None
+        except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise DamagedInput(f"the compressed data is corrupt ({err})") from None
+        if not block:
+            if tail:
+                yield tail
+            return
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line + b"\n"
 
 
 def _jsonl_rows(lines: Iterable[bytes], keep: Callable[[int], bool]) -> Iterator[InputRow]:
@@ -261,16 +300,57 @@ def _encode_line(row: dict) -> bytes:
     return (json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
 
 
+def _column(values: list) -> pa.Array:
+    """A column of values; scalars of mixed kinds (an ``id`` that is a string in some rows and a row number in others)
+    become strings, as JSON Lines would show them, instead of failing."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        if not all(v is None or isinstance(v, (str, int, float)) for v in values):
+            raise
+        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                        pa.string())
+
+
 def table_from_rows(rows: list[dict]) -> pa.Table:
     """A table with a column for every key of any row (in order of first appearance), None where a row lacks it."""
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
-    return pa.table({name: [row.get(name) for row in rows] for name in names})
+    return pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+
+
+def unify_schemas(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """One schema for tables of several chunks: types promoted (null -> float, int -> float); a column that is a
+    string in one chunk and a number in another (mixed ids) becomes a string column."""
+    try:
+        return pa.unify_schemas(list(schemas), promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    types: dict[str, list] = {}
+    for schema in schemas:
+        for f in schema:
+            types.setdefault(f.name, []).append(f.type)
+    out = []
+    for name, kinds in types.items():
+        try:
+            out.append(pa.unify_schemas([pa.schema([(name, t)]) for t in kinds], promote_options="permissive")[0])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            if not all(pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
+                       or pa.types.is_null(t) for t in kinds):
+                raise
+            out.append(pa.field(name, pa.string()))
+    return pa.schema(out)
 
 
 def _promote(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A table conformed to a wider schema: columns in its order, missing ones as nulls, types promoted."""
+    """A table conformed to a wider schema: columns in its order, missing ones as nulls, types promoted (numbers
+    to strings where the schema says string)."""
+    casts = {f.name: f.type for f in schema if f.name in table.column_names and pa.types.is_string(f.type)
+             and not pa.types.is_string(table.schema.field(f.name).type)}
+    for name, type_ in casts.items():
+        i = table.column_names.index(name)
+        table = table.set_column(i, name, table.column(i).cast(type_))
     return pa.concat_tables([schema.empty_table(), table], promote_options="permissive")
 
 
@@ -423,7 +503,8 @@ class RunWriter:
     Not thread-safe; one process per set of output files.
     """
 
-    def __init__(self, streams: dict[str, str], *, run_key: dict, overwrite: bool = False) -> None:
+    def __init__(self, streams: dict[str, str], *, run_key: dict, overwrite: bool = False,
+                 open_now: bool = True) -> None:
         if not streams:
             raise ValueError("RunWriter needs at least one output stream")
         self._streams = {name: _Stream(name, path, format_of(path)) for name, path in streams.items()}
@@ -438,10 +519,32 @@ class RunWriter:
         self._complete = False
         self._failed = False
         self._closed = False
-        if self._resumable and not overwrite and os.path.exists(self._checkpoint):
-            self._resume(self._load_checkpoint())
+        self._fresh = not (self._resumable and not overwrite and os.path.exists(self._checkpoint))
+        self._overwrite = overwrite
+        self._opened = False
+        if self._fresh:
+            self._check_fresh(overwrite)
         else:
-            self._start_fresh(overwrite)
+            self._check_resume(self._load_checkpoint())
+        if open_now:
+            self.open()
+
+    def open(self) -> "RunWriter":
+        """Create, cut back or open the stream files (done by the constructor unless ``open_now=False``, which
+        only checks that the run may start or resume and touches nothing)."""
+        if self._opened:
+            return self
+        self._opened = True
+        if self._fresh:
+            self._start_fresh()
+        elif self._complete:
+            for s in self._streams.values():
+                if s.fmt == "parquet":
+                    shutil.rmtree(s.parts_dir, ignore_errors=True)  # a kill in finish() can leave them behind
+        else:
+            for s in self._streams.values():
+                self._open(s)
+        return self
 
     # -------------------------------------------------------------------------------------------------- public
 
@@ -469,6 +572,7 @@ class RunWriter:
         open a new one to resume from the last checkpoint.
         """
         self._check_writable()
+        self.open()
         unknown = sorted(set(rows_by_stream) - set(self._streams))
         if unknown:
             raise ValueError(f"unknown output stream(s) {unknown}; this run has {sorted(self._streams)}")
@@ -495,6 +599,7 @@ class RunWriter:
         if self._complete:
             return
         self._check_writable()
+        self.open()
         try:
             for s in self._streams.values():
                 if s.fmt == "parquet":
@@ -551,11 +656,10 @@ class RunWriter:
 
     # ------------------------------------------------------------------------------------------------ opening
 
-    def _start_fresh(self, overwrite: bool) -> None:
-        """Start the run over: remove what earlier runs left, write an empty checkpoint, open the streams."""
-        file_streams = [s for s in self._streams.values() if s.fmt != "stdio"]
+    def _check_fresh(self, overwrite: bool) -> None:
+        """FileExistsError when a fresh start would replace files this run did not write (without ``overwrite``)."""
         if not overwrite:
-            for s in file_streams:
+            for s in (s for s in self._streams.values() if s.fmt != "stdio"):
                 for p in (s.path, s.parts_dir) if s.fmt == "parquet" else (s.path,):
                     if os.path.lexists(p):
                         raise FileExistsError(
@@ -564,6 +668,10 @@ class RunWriter:
                             "pass --overwrite to replace it",
                             p,
                         )
+
+    def _start_fresh(self) -> None:
+        """Start the run over: remove what earlier runs left, write an empty checkpoint, open the streams."""
+        file_streams = [s for s in self._streams.values() if s.fmt != "stdio"]
         for s in file_streams:
             os.makedirs(os.path.dirname(s.path) or ".", exist_ok=True)
         if self._resumable:
@@ -578,8 +686,8 @@ class RunWriter:
         """The checkpoint's content; ValueError when it cannot be read."""
         return read_state(self._checkpoint, CHECKPOINT_VERSION, "checkpoint ")
 
-    def _resume(self, ckpt: dict) -> None:
-        """Continue the run of a checkpoint: same arguments required, everything uncommitted cut off."""
+    def _check_resume(self, ckpt: dict) -> None:
+        """Take up the run of a checkpoint (same arguments required); :meth:`open` cuts off what is uncommitted."""
         self._check_same_run(ckpt)
         self._rows_done = int(ckpt["rows_done"])
         self._complete = bool(ckpt["complete"])
@@ -595,11 +703,6 @@ class RunWriter:
                         "pass --overwrite to redo it",
                         s.path,
                     )
-                if s.fmt == "parquet":
-                    shutil.rmtree(s.parts_dir, ignore_errors=True)  # a kill in finish() can leave them behind
-            return
-        for s in self._streams.values():
-            self._open(s)
 
     def _check_same_run(self, ckpt: dict) -> None:
         """ValueError when the checkpoint was written for other arguments or other output streams."""
@@ -645,7 +748,7 @@ class RunWriter:
                 "pass --overwrite to start over"
             )
         schemas = [pq.read_schema(s.part_path(k)) for k in range(s.committed)]
-        s.schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+        s.schema = unify_schemas(schemas) if schemas else None
 
     # ------------------------------------------------------------------------------------------------ writing
 
@@ -671,7 +774,7 @@ class RunWriter:
         if s.schema is None:
             return table, table.schema
         try:
-            return table, pa.unify_schemas([s.schema, table.schema], promote_options="permissive")
+            return table, unify_schemas([s.schema, table.schema])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ValueError(f"stream {s.name!r}: this chunk's column types clash with earlier chunks': {e}") from None
 
@@ -753,6 +856,81 @@ def _spool_rows(spool: IO[bytes]) -> Iterator[dict]:
             yield json.loads(line)
 
 
+# ----------------------------------------------------------------------------------------------------------- locking
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a run's output."""
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run's files: ``fcntl.flock`` on ``path`` (``<output>.lock``), whose
+    content names the holder (pid, host, command). The kernel releases a flock when its process ends in any way,
+    ``kill -9`` included, so a stale lock file never blocks a resume; a clean exit also removes the file. A second
+    run on the same output raises :class:`LockedError` naming the holder."""
+
+    def __init__(self, path: str, holder: str = "") -> None:
+        self.path = path
+        self.holder = holder
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    held_by = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                finally:
+                    os.close(fd)
+                raise LockedError(f"{self.path} is locked by a run still going ({held_by}); wait for it to end, or "
+                                  "give this run another --output") from None
+            try:  # the holder before us may have removed the file after we opened it: lock the file now there
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{': ' + self.holder if self.holder else ''}\n"
+                 .encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still holding it, so no one can be locking this inode as a live lock
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same inode (hard links too) or the same resolved path (symbolic
+    links, ``..``), whether or not it exists yet."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 # ------------------------------------------------------------------------------------------------- several inputs
 
 
@@ -778,12 +956,12 @@ def read_inputs(paths: Sequence[str], num_shards: int = 1, shard_index: int = 0,
         for item in read_rows(path):
             last = item.index
             index = offset + item.index
-            if index % num_shards != shard_index:
+            if index % num_shards != shard_index and not item.damaged:  # every shard records the damage
                 continue
             seen += 1
             if seen <= start:
                 continue
-            yield InputRow(index, item.row, item.error), subset
+            yield InputRow(index, item.row, item.error, item.damaged), subset
         offset += last + 1
 
 
@@ -855,7 +1033,8 @@ def _scan(path: str, chunk_rows: int, max_rows: Optional[int] = None) -> Tuple[s
         return "array", sum(1 for _ in read_rows(path)), None, None
     rows, end, seeks = 0, 0, []
     with open_binary(path, fmt) as f:
-        for index, start, line in numbered_lines(f):
+        lines = _whole_lines(f, path) if fmt == "gz" else f
+        for index, start, line in _planned_lines(lines, path):
             if max_rows is not None and rows >= max_rows:
                 break
             if rows % chunk_rows == 0:
@@ -863,6 +1042,16 @@ def _scan(path: str, chunk_rows: int, max_rows: Optional[int] = None) -> Tuple[s
             rows += 1
             end = start + len(line)
     return fmt, rows, (seeks if fmt == "jsonl" else None), (end if fmt == "jsonl" else None)
+
+
+def _planned_lines(lines: Iterable[bytes], path: str) -> Iterator[tuple]:
+    """:func:`numbered_lines` for a planner, which cannot score around damage: a damaged file is a ValueError."""
+    index = -1
+    try:
+        for index, start, line in numbered_lines(lines):
+            yield index, start, line
+    except DamagedInput as err:
+        raise ValueError(f"damaged input: {path}: reading stopped at row {index + 1}: {err}") from None
 
 
 def jsonl_rows_from(path: str, pos: int, first_local: int) -> Iterator[InputRow]:

@@ -25,10 +25,12 @@ SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
 
 
 class Task:
-    """What a command makes of a row (examples) and of its results (output rows per stream)."""
+    """What a command makes of a row (examples) and of its results (output rows per stream). ``fields`` maps the
+    input's columns onto endokern's names (:func:`endokern.formats.map_fields`) before the row is read."""
 
     name = "score"
     per_token = False
+    fields: Optional[Dict[str, str]] = None
 
     def examples(self, row: Dict[str, Any]) -> Tuple[List[TextExample], Any]:
         return formats.score_examples(row), None
@@ -101,14 +103,17 @@ def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> T
     (HH-RLHF transcripts become messages under a chat template); filter's ``keep_scored`` sends every scored row to
     ``output`` (a later pass keeps the top fraction)."""
     if settings.command == "score":
-        return ScoreTask(per_token=settings.per_token)
-    if settings.command == "compare":
-        return CompareTask(resolve_template(rm.tokenizer, settings.template))
-    if settings.command == "rank":
-        return RankTask()
-    if settings.command == "filter":
-        return FilterTask(None if keep_scored else settings.min_reward, keep_scored=keep_scored)
-    raise ValueError(f"no task for command {settings.command!r}")
+        task: Task = ScoreTask(per_token=settings.per_token)
+    elif settings.command == "compare":
+        task = CompareTask(resolve_template(rm.tokenizer, settings.template))
+    elif settings.command == "rank":
+        task = RankTask()
+    elif settings.command == "filter":
+        task = FilterTask(None if keep_scored else settings.min_reward, keep_scored=keep_scored)
+    else:
+        raise ValueError(f"no task for command {settings.command!r}")
+    task.fields = formats.parse_fields(settings.fields) if settings.fields else None
+    return task
 
 
 @dataclass
@@ -159,6 +164,9 @@ def stream(rm: EndoRM, task: Task, settings: Settings, writer: RunWriter) -> Run
             writer.commit(streams, rows_consumed=len(chunk))
             stats.rows += len(chunk)
             stats.errors += len(streams.get("errors", []))
+            for error in streams.get("errors", []):
+                if error.get("damaged"):
+                    stats.extra.setdefault("damaged", error["reason"])
             bar.bar.n = stats.rows  # the chunk is committed: the bar shows whole rows again
             bar.bar.refresh()
         writer.finish()
@@ -206,15 +214,24 @@ def process_chunk(
     errors: List[dict] = []
     accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
     examples: List[TextExample] = []
+    limit = max_length if max_length is not None else rm.max_positions
+    max_chars = encoder.max_chars(limit) if limit else None
     for item, subset in chunk:
         if item.error is not None:
-            errors.append(_error(item.index, None, item.error))
+            errors.append(_error(item.index, None, item.error, damaged=item.damaged))
             continue
         row = formats.optional_subset(item.row, subset)
         try:
+            row = formats.map_fields(row, task.fields)
             row_examples, state = task.examples(row)
         except formats.RowError as err:
             errors.append(_error(item.index, row, str(err)))
+            continue
+        too_long = max_chars is not None and max((text_length(e) for e in row_examples), default=0) > max_chars
+        if too_long:  # said before tokenizing: a huge field would take memory far beyond the chunk's
+            errors.append(_error(item.index, row, f"{max(text_length(e) for e in row_examples)} characters, more "
+                                 f"than any text of {limit} tokens holds with this tokenizer (at most {max_chars}); "
+                                 f"longer than {'--max-length' if max_length is not None else 'the model context'}"))
             continue
         accepted.append((item, row, state, len(examples), len(row_examples)))
         examples.extend(row_examples)
@@ -253,9 +270,20 @@ def process_chunk(
     return streams
 
 
-def _error(index: int, row: Optional[Dict[str, Any]], reason: str) -> dict:
+def text_length(example: TextExample) -> int:
+    """The characters of an example's text: prompt, response, and every message's content."""
+    n = sum(len(t) for t in (example.prompt, example.response) if isinstance(t, str))
+    for m in example.messages or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        n += len(content) if isinstance(content, str) else 0
+    return n
+
+
+def _error(index: int, row: Optional[Dict[str, Any]], reason: str, damaged: bool = False) -> dict:
     out: Dict[str, Any] = {"row": index}
     if row is not None and row.get("id") is not None:
         out["id"] = row["id"]
     out["reason"] = reason
+    if damaged:
+        out["damaged"] = True  # reading the input stopped here: the run fails once the rows before are committed
     return out

@@ -22,9 +22,15 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from . import io, parts
 from .formats import summarize_preferences
 from .pipeline import RunStats, make_task, stream
-from .settings import Settings, check_top_fraction
+from .settings import Settings, SettingsError, check_top_fraction
+from .tokenization import resolve_template
 
 Log = Callable[[str], None]
+
+
+class RunFailed(RuntimeError):
+    """A run that went through but cannot be called a success (damaged input, no row scored, too many errors); its
+    files are complete and say what happened. The command line exits 1 with the message."""
 
 
 @dataclass
@@ -45,6 +51,7 @@ def paths(settings: Settings) -> Dict[str, str]:
     ray = settings.engine == "ray"
     output = (settings.output.rstrip("/\\") or settings.output) if ray else settings.output
     out = {"output": output, "errors": settings.errors or io.beside(output, ".errors.jsonl")}
+
     if settings.command == "compare":
         out["summary"] = settings.summary or io.beside(output, ".summary.json")
     if settings.command == "filter":
@@ -57,15 +64,78 @@ def paths(settings: Settings) -> Dict[str, str]:
     return out
 
 
+def prepare(settings: Settings) -> Dict[str, str]:
+    """Everything that can be checked before a run starts, with nothing created: the options
+    (:meth:`Settings.validate`), the files, device and model they name (:meth:`Settings.check_environment`), and that
+    no file the run writes is one of its inputs. Returns the run's files (:func:`paths`); raises
+    :class:`~endokern.settings.SettingsError`."""
+    settings.validate().check_environment()
+    files = paths(settings)
+    written = dict(files)
+    first = files["scored"] if settings.command == "filter" and settings.top_fraction is not None else files["output"]
+    if first != "-":
+        written["checkpoint"] = first + ".progress.json"
+    if settings.plot:
+        written["plot"] = settings.plot
+    if files["output"] != "-":
+        written["lock"] = io.beside(files["output"], ".lock")
+    for role, path in written.items():
+        for source in settings.input:
+            if source != "-" and path != "-" and io.same_file(path, source):
+                flag = {"output": "--output", "errors": "--errors", "rejected": "--rejected", "plot": "--plot",
+                        "summary": "--summary"}.get(role, "--output")
+                raise SettingsError(f"{flag}: the run's {role} file {path} is its input {source}; endokern never "
+                                    f"writes over its input (with or without --overwrite): give another {flag}")
+    return files
+
+
 def run(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> RunResult:
+    """Run ``settings.command`` over ``settings.input`` into ``settings.output``, holding an exclusive lock on the
+    output (``<output>.lock``: a second run on it is refused while this one lives, and a killed run never blocks a
+    resume). See :func:`_run` for the rest; raises :class:`RunFailed` after a run whose input was damaged,
+    where no row could be scored, or whose error share is above ``settings.max_error_fraction``."""
+    files = prepare(settings)
+    lock = None if files["output"] == "-" else io.RunLock(io.beside(files["output"], ".lock"),
+                                                         f"endokern {settings.command} --output {files['output']}")
+    if lock is not None:
+        lock.acquire()
+    try:
+        result = _run(settings, files, rm, log or (lambda line: None))
+    finally:
+        if lock is not None:
+            lock.release()
+    check_outcome(settings, result)
+    return result
+
+
+def check_outcome(settings: Settings, result: RunResult) -> None:
+    """:class:`RunFailed` when the input was damaged, no row was scored, or too many rows were errors (counted over
+    the whole run, resumed parts included, from its errors file)."""
+    errors_path = result.paths.get("errors", "-")
+    errors = list(_file_rows(errors_path)) if errors_path != "-" else []
+    damaged = [e["reason"] for e in errors if e.get("damaged")] or ([result.stats.extra["damaged"]]
+                                                                    if "damaged" in result.stats.extra else [])
+    where = f" (recorded in {errors_path})" if errors_path != "-" else ""
+    if damaged:
+        raise RunFailed(damaged[0] + where)
+    rows = result.stats.rows + result.stats.resumed_from
+    n_errors = len(errors) if errors_path != "-" else result.stats.errors
+    first = "; ".join(f"row {e.get('row')}: {e.get('reason')}" for e in errors[:3])
+    first = f" (first: {first})" if first else ""
+    if rows and n_errors >= rows:
+        raise RunFailed(f"no row could be scored: all {rows} rows are errors{first}{where}")
+    fraction = settings.max_error_fraction
+    if fraction is not None and rows and n_errors / rows > fraction:
+        raise RunFailed(f"{n_errors} of {rows} rows are errors ({n_errors / rows:.1%}, more than --max-error-fraction "
+                        f"{fraction:g}){first}{where}")
+
+
+def _run(settings: Settings, files: Dict[str, str], rm: Any, log: Log) -> RunResult:
     """Run ``settings.command`` over ``settings.input`` into ``settings.output`` with ``settings.engine``, resuming an
     earlier run of the same output. ``rm``: an :class:`endokern.EndoRM` already loaded (local engine; else it is
     loaded from the settings when there is anything to score). ``log`` receives the run's messages (one line or a
     small table each); nothing is printed without it. Raises :class:`~endokern.settings.SettingsError` before any
     file is touched when an option is wrong."""
-    settings.validate()
-    log = log or (lambda line: None)
-    files = paths(settings)
     top_fraction = settings.command == "filter" and settings.top_fraction is not None
     if settings.engine == "ray":
         from .integrations.ray import execute
@@ -107,7 +177,12 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
     if settings.command == "filter" and not top_fraction:
         streams["rejected"] = files["rejected"]
     streams["errors"] = files["errors"]
-    writer = io.RunWriter(streams, run_key=settings.run_key(), overwrite=settings.overwrite)
+    # checked first, written only once the model is loaded: a refused or failed start leaves no file behind
+    try:
+        writer = io.RunWriter(streams, run_key=settings.run_key(), overwrite=settings.overwrite, open_now=False)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:  # other arguments, an output it did not write
+        message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) else str(err)
+        raise SettingsError(message) from None
     already_complete = writer.complete
     try:
         if already_complete:
@@ -118,6 +193,11 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
                 from .model import EndoRM
 
                 rm = EndoRM.from_settings(settings)
+            try:
+                resolve_template(rm.tokenizer, settings.template)
+            except ValueError as err:
+                raise SettingsError(f"--template {settings.template}: {err}") from None
+            writer.open()
             if writer.rows_done:
                 log(f"endokern: resuming after {writer.rows_done} committed rows")
             stats = stream(rm, make_task(settings, rm, keep_scored=top_fraction), settings, writer)

@@ -29,15 +29,17 @@ ENGINES = ("local", "ray")
 
 
 class SettingsError(ValueError):
-    """An option with a value it cannot take; the message is one line naming the option."""
+    """A usage mistake: an option with a value it cannot take, or a file, device or model that cannot be used as
+    given. The message is one line naming the option and what to do; the command line exits 2 on it."""
 
 
 def check_reward(alpha: float, gamma: float, terminal: str, reduce: str) -> None:
-    """The reward options of SPEC section 1: ``alpha > 0`` finite, ``gamma`` finite, a known terminal and reduction."""
-    if not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-        raise SettingsError(f"alpha must be a finite number > 0, got {alpha}")
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise SettingsError(f"gamma must be finite, got {gamma}")
+    """The reward options: ``alpha > 0`` finite, ``0 <= gamma <= 1`` (a discount: a value above 1 would weigh the
+    next state more than the present one and is no soft Bellman operator), a known terminal and reduction."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+        raise SettingsError(f"--alpha must be a finite number > 0 (the soft-value temperature), got {alpha}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise SettingsError(f"--gamma must be a discount in [0, 1], got {gamma}")
     if terminal not in TERMINALS:
         raise SettingsError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
     if reduce not in REDUCTIONS:
@@ -102,6 +104,13 @@ class Settings:
     limit: Optional[int] = _opt(None, "score only the first N rows (of this shard)", group="run", key=True, type=int)
     chunk_rows: int = _opt(512, "rows per committed chunk (the resume granularity)", group="run", key=True, type=int)
     progress: bool = _opt(True, "no progress bar", group="run", flag="--no-progress")
+    fields: Optional[str] = _opt(None, "map the input's columns onto endokern's names: NAME=COLUMN[,NAME=COLUMN...] "
+                                 "(names: prompt, response, messages, chosen, rejected, responses, id, subset, "
+                                 "response_a, response_b, label; a dotted COLUMN reads a nested field)", group="run",
+                                 key=True, metavar="NAME=COLUMN,...")
+    max_error_fraction: Optional[float] = _opt(None, "fail the run (exit 1) when more than this fraction of its rows "
+                                               "are errors (a run where no row could be scored always fails)",
+                                               group="run", type=float, metavar="F")
     # a command's own
     per_token: bool = _opt(False, "also write token_rewards and token_logprobs", group="score")
     summary: Optional[str] = _opt(None, "summary JSON (default: beside the output, *.summary.json)", group="compare")
@@ -145,6 +154,15 @@ class Settings:
                                 f"{self.num_shards}, shard_index {self.shard_index}")
         if not self.input:
             raise SettingsError("--input needs at least one file (or '-')")
+        if self.max_error_fraction is not None and not 0 <= self.max_error_fraction <= 1:
+            raise SettingsError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.fields is not None:
+            from .formats import parse_fields
+
+            try:
+                parse_fields(self.fields)
+            except ValueError as err:
+                raise SettingsError(f"--fields: {err}") from None
         if self.command == "filter":
             if self.min_reward is None and self.top_fraction is None:
                 raise SettingsError("give --min-reward, --top-fraction, or both")
@@ -172,6 +190,34 @@ class Settings:
                                 "--shard-index")
         if self.num_workers < 1:
             raise SettingsError("--num-workers must be >= 1")
+
+    def check_environment(self) -> "Settings":
+        """Check what the values name on this machine, without creating anything: the inputs exist and are files,
+        the outputs have a known extension, the device and backend run here, the model is a folder with its
+        tokenizer, a known name or a hub id that can be fetched. Raises :class:`SettingsError`. Returns ``self``."""
+        from .io import format_of
+
+        for path in self.input:
+            if path == "-":
+                if _stdin_is_terminal():
+                    raise SettingsError("no --input given and standard input is a terminal: endokern is waiting for "
+                                        "JSON Lines rows there; give --input FILE, or pipe rows in")
+                continue
+            if os.path.isdir(path):
+                raise SettingsError(f"--input {path} is a folder; give the data files in it")
+            if not os.path.exists(path):
+                raise SettingsError(f"--input {path}: no such file")
+            _check_extension("--input", path, format_of)
+        if self.engine == "local":
+            _check_extension("--output", self.output, format_of, writing=True)
+        for flag, path in (("--errors", self.errors), ("--rejected", self.rejected)):
+            if path is not None and not (self.engine == "ray" and flag == "--rejected"):
+                _check_extension(flag, path, format_of, writing=True)
+        if self.plot is not None and not self.plot.lower().endswith(".png"):
+            raise SettingsError(f"--plot {self.plot}: the histogram is a PNG file; name it *.png")
+        check_device(self.device, self.backend)
+        check_model(self.model, self.template)
+        return self
 
     # ------------------------------------------------------------------------------------------------ uses
 
@@ -239,3 +285,129 @@ class Settings:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         values.update(overrides)
         return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------- the machine's checks
+
+
+def _stdin_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stdin
+        return False
+
+
+def _check_extension(flag: str, path: str, format_of, writing: bool = False) -> None:
+    """SettingsError when a data file's format cannot be told from its extension (or, writing, is a bare .json:
+    the outputs are JSON Lines, which a reader of ``.json`` would take for one JSON document)."""
+    try:
+        format_of(path)
+    except ValueError as err:
+        raise SettingsError(f"{flag} {err}") from None
+    lower = path.lower()
+    if writing and path != "-" and lower.endswith((".json", ".json.gz")):
+        raise SettingsError(f"{flag} {path}: endokern writes JSON Lines, one row a line; name it "
+                            f"{path[: -len('.json.gz' if lower.endswith('.gz') else '.json')]}.jsonl"
+                            f"{'.gz' if lower.endswith('.gz') else ''} (or .parquet)")
+
+
+def check_device(device: Optional[str], backend: str = "auto") -> None:
+    """SettingsError when ``device`` is not one torch knows or not present here, or ``backend`` cannot run on it."""
+    import torch
+
+    from .ops.registry import unavailable_reason
+
+    try:
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise SettingsError(f"--device {device!r} is not a device (use cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SettingsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SettingsError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise SettingsError(f"--device {device}: endokern runs on cpu, cuda or mps")
+    if backend != "auto":
+        reason = unavailable_reason(backend, dev)
+        if reason is not None:
+            raise SettingsError(f"--backend {backend} cannot run on {dev}: {reason}; use --backend auto")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model(name: str, template: str = "auto") -> None:
+    """SettingsError when ``name`` cannot be loaded as given, said before any load: a path that does not exist, a
+    folder without a model or without tokenizer files, ``template='chat'`` with no chat template in the folder, or a
+    name that is neither a local path, a known name, nor a hub id in the local cache or reachable on the hub."""
+    from .assets import MODELS
+
+    if name in MODELS:
+        return
+    if os.path.isdir(name):
+        found = set(os.listdir(name))
+        if "config.json" not in found:
+            raise SettingsError(f"--model {name}: the folder has no config.json, so it holds no Hugging Face model")
+        if not found & set(_TOKENIZER_FILES):
+            raise SettingsError(f"--model {name}: the folder has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                                "save the model's tokenizer there (tokenizer.save_pretrained)")
+        if template == "chat" and not _folder_has_chat_template(name):
+            raise SettingsError(f"--template chat: the tokenizer of {name} has no chat template; use --template plain "
+                                "(or auto)")
+        return
+    if name.lower().endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise SettingsError(f"--model {name}: no such GGUF file")
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name  # a hub id has one /
+    if os.path.exists(name):
+        raise SettingsError(f"--model {name} is a file, not a model folder, a .gguf file or a hub id")
+    if looks_like_path:
+        raise SettingsError(f"--model {name}: no such model folder")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise SettingsError(f"--model {name!r} is not a local path, a known name ({', '.join(MODELS)}) or a hub id "
+                            "(owner/name)") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if _hub_offline():
+        raise SettingsError(f"--model {name} is not a local path nor a known name ({', '.join(MODELS)}), is not in "
+                            "the Hugging Face cache, and the hub cannot be reached from here; give a model folder")
+
+
+def _folder_has_chat_template(folder: str) -> bool:
+    import json
+
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError):
+        return True  # cannot tell here: the loaded tokenizer decides (still before any file is created)
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is out of reach: offline mode set, or no TCP connection within 3 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in \
+            ("", "0"):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3):
+            return False
+    except OSError:
+        return True

@@ -11,7 +11,9 @@ the full render does not start with the prompt render), cut after the model's fi
 ``auto``: ``chat`` when the tokenizer has a chat template, else ``plain``.
 
 Texts are rendered one by one (the template is Jinja) and tokenized in batches by the fast tokenizer.
-A problem with one example (an empty response, a prompt of zero tokens, a render mismatch) is an
+An empty response under ``chat`` is the end-of-turn token alone (a model that answers nothing) and is scored; under
+``plain`` it has no tokens and is an error unless ``append_eos``. A problem with one example (an empty plain response,
+a prompt of zero tokens, a render mismatch, a whitespace-only response the template drops) is an
 :class:`EncodeError` in that example's slot, so a large run can report it and go on.
 """
 
@@ -97,6 +99,15 @@ class Encoder:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")
         self.end_of_turn = set(end_of_turn) if end_of_turn is not None else set(end_of_turn_ids(tokenizer))
 
+    def max_chars(self, max_tokens: int) -> int:
+        """A bound on the characters of a text of at most ``max_tokens`` tokens: ``max_tokens`` times the longest
+        token of the vocabulary (plus the chat template's own text). A longer text cannot fit, so it can be refused
+        before the tokenizer turns it all into ids."""
+        if not hasattr(self, "_longest_token"):
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self._longest_token = max((len(t) for t in vocab), default=0) or 64
+        return max_tokens * self._longest_token + 4096
+
     def encode(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
         if self.template == "chat":
             return self._encode_chat(examples)
@@ -110,7 +121,11 @@ class Encoder:
                 if ex.messages is not None:
                     raise EncodeError("a 'messages' conversation needs a chat template (template='chat')")
                 _check_text(ex.prompt, "prompt", allow_empty=True)
-                _check_text(ex.response, "response", allow_empty=False)
+                if ex.response == "" and not self.append_eos:
+                    raise EncodeError("empty response: under the plain template it has no tokens to score (pass "
+                                      "--append-eos to score the EOS, or use a chat template, where it is the "
+                                      "end-of-turn token)")
+                _check_text(ex.response, "response", allow_empty=True)
                 if self.system is not None:
                     raise EncodeError("a system prompt needs a chat template (template='chat')")
             except EncodeError as err:
@@ -142,6 +157,14 @@ class Encoder:
         prompts = self._tokenize(prompt_texts, special=False)
         fulls = self._tokenize(full_texts, special=False)
         for i, prompt_ids, full_ids in zip(todo, prompts, fulls):
+            response_text = self._conversation(examples[i])[1]
+            if full_ids[: len(prompt_ids)] != prompt_ids and response_text and not response_text.strip():
+                out[i] = EncodeError(
+                    f"a whitespace-only response ({response_text!r}): the chat template does not keep it as a turn "
+                    "of its own (the render with it does not start with the prompt's); strip it to score an empty "
+                    "answer, or use template='plain'"
+                )
+                continue
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 out[i] = EncodeError(
                     "the chat render of the conversation with the response does not start with the render of the "
@@ -172,13 +195,13 @@ class Encoder:
             if len(messages) < 2:
                 raise EncodeError("'messages' needs at least one turn before the assistant's response")
             response = messages[-1]["content"]
-            _check_text(response, "response", allow_empty=False)
+            _check_text(response, "response", allow_empty=True)  # an empty answer is its end-of-turn token
             head = [dict(m) for m in messages[:-1]]
             if system and head[0]["role"] != "system":
                 head = system + head
             return head, response
         _check_text(ex.prompt, "prompt", allow_empty=True)
-        _check_text(ex.response, "response", allow_empty=False)
+        _check_text(ex.response, "response", allow_empty=True)  # an empty answer is its end-of-turn token
         return system + [{"role": "user", "content": ex.prompt}], ex.response
 
     def _render(self, conversation, generation_prompt: bool = False) -> str:

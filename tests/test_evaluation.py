@@ -152,6 +152,21 @@ def test_missing_data_and_unknown_suites_are_clear_errors(tmp_path):
         run_cli("eval", "--suite", "all", "--variants", "paper,bogus", "--output", tmp_path / "o")
 
 
+def test_eval_fails_when_no_row_could_be_scored_or_too_many_failed(tmp_path, rng, capsys):
+    bad = [{"prompt": sentence(rng), "chosen": " " + sentence(rng)} for _ in range(4)]  # no 'rejected'
+    path = write_jsonl(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(SystemExit, match="no row of bad could be scored") as failed:
+        run_cli("eval", "--suite", path, "--output", tmp_path / "e1", "--template", "plain", "--variants", "paper")
+    assert failed.value.code == 1 and "row 0:" in capsys.readouterr().err
+    good = [{"prompt": sentence(rng), "chosen": " " + sentence(rng), "rejected": " " + sentence(rng)}
+            for _ in range(6)]
+    path = write_jsonl(tmp_path / "mixed.jsonl", good + bad[:2])
+    with pytest.raises(SystemExit, match="2 of 8 rows of mixed are errors") as failed:
+        run_cli("eval", "--suite", path, "--output", tmp_path / "e2", "--template", "plain", "--variants", "paper",
+                "--max-error-fraction", "0.2")
+    assert failed.value.code == 1
+
+
 @pytest.fixture(scope="module")
 def chat_rm(chat_tokenizer):
     model, _ = fixture_model()

@@ -26,7 +26,6 @@ def test_score_and_rank_rows(rng):
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     assert formats.score_examples({"messages": messages}) == [TextExample(messages=messages)]
     for row, says in (({"prompt": prompt}, "missing field 'response'"), ({"prompt": 3, "response": "x"}, "string"),
-                      ({"prompt": prompt, "response": ""}, "empty field"),
                       ({"messages": messages[:1]}, "assistant"), ({"messages": []}, "non-empty")):
         with pytest.raises(formats.RowError, match=says):
             formats.score_examples(row)
@@ -34,7 +33,9 @@ def test_score_and_rank_rows(rng):
     assert formats.rank_examples({"prompt": prompt, "responses": responses}) == [
         TextExample(prompt, r) for r in responses]
     with pytest.raises(formats.RowError, match=r"responses\[1\]"):
-        formats.rank_examples({"prompt": prompt, "responses": ["x", ""]})
+        formats.rank_examples({"prompt": prompt, "responses": ["x", 3]})
+    # an empty response is data (the encoder scores it under a chat template and refuses it under plain)
+    assert formats.score_examples({"prompt": prompt, "response": ""}) == [TextExample(prompt, "")]
 
 
 def test_rank_output_takes_the_first_of_equal_rewards(rng):

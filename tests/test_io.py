@@ -270,13 +270,30 @@ def test_parquet_type_clash_is_refused_at_commit(tmp_path):
     with RunWriter({"output": str(tmp_path / "out.parquet")}, run_key={}) as w:
         w.commit({"output": [{"a": 1}]}, rows_consumed=1)
         with pytest.raises(ValueError, match="clash"):
-            w.commit({"output": [{"a": "text"}]}, rows_consumed=1)
+            w.commit({"output": [{"a": [1, 2]}]}, rows_consumed=1)
         with pytest.raises(ValueError, match="cannot be stored"):
-            w.commit({"output": [{"a": 1}, {"a": "text"}]}, rows_consumed=2)
+            w.commit({"output": [{"a": 1}, {"a": [1]}]}, rows_consumed=2)
         w.commit({"output": [{"a": 2}]}, rows_consumed=1)  # the refused chunks left nothing behind
         assert w.rows_done == 2
         w.finish()
     assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [{"a": 1}, {"a": 2}]
+
+
+def test_parquet_ids_mixing_strings_and_row_numbers_are_strings(tmp_path, gen):
+    """An input whose ``id`` is a string in some rows and missing (the row number) in others: within a chunk and
+    across chunks (numbers first, strings in a later chunk, and after a resume) the column becomes strings."""
+    path = tmp_path / "out.parquet"
+    draws = torch.randint(0, 10 ** 6, (12,), generator=gen).tolist()
+    ids = [i if d % 2 else f"row-{d}" for i, d in enumerate(draws)]
+    ids[0], ids[1], ids[2], ids[3] = 0, 1, "a", 3  # chunk 0: numbers only; chunk 1: a string among numbers
+    with RunWriter({"output": str(path)}, run_key={}) as w:
+        w.commit({"output": [{"id": i} for i in ids[:2]]}, rows_consumed=2)
+    with RunWriter({"output": str(path)}, run_key={}) as w:  # resumed: the committed part holds int ids
+        for k in range(2, 12, 5):
+            w.commit({"output": [{"id": i} for i in ids[k:k + 5]]}, rows_consumed=5)
+        w.finish()
+    assert pq.read_table(path).schema.field("id").type == pa.string()
+    assert pq.read_table(path).column("id").to_pylist() == [str(i) for i in ids]
 
 
 def test_unencodable_row_leaves_files_untouched(tmp_path):

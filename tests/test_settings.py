@@ -93,9 +93,12 @@ def test_command_rules_are_checked_once_for_every_engine(rng):
 
 
 def test_check_reward_is_the_one_rule(rng):
-    check_reward(rng.uniform(1e-3, 10), rng.uniform(-2, 2), "zero", "sum")
+    check_reward(rng.uniform(1e-3, 10), rng.uniform(0, 1), "zero", "sum")
     with pytest.raises(ValueError, match="alpha"):
         check_reward(-rng.random(), 1.0, "zero", "sum")
+    for gamma in (-rng.uniform(1e-6, 2), 1 + rng.uniform(1e-6, 2), float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"gamma must be a discount in \[0, 1\]"):
+            check_reward(1.0, gamma, "zero", "sum")
 
 
 def test_run_key_holds_what_decides_the_output_and_nothing_else(rng, tmp_path):

@@ -142,5 +142,20 @@ def test_chat_scoring_end_to_end_matches_oracle(chat_tokenizer):
     encoded = rm.encoder("chat").encode([TextExample(p, r) for p, r in zip(prompts, responses)])
     expected = oracle(model, [e.prompt_ids for e in encoded], [e.response_ids for e in encoded])
     assert_close_to_oracle(results, expected, rtol=1e-5)
-    with pytest.raises(EncodeError, match="example 1: empty response"):
-        rm.score(["a", "b"], ["c", ""])
+
+
+def test_an_empty_response_is_its_end_of_turn_token_under_chat_and_an_error_under_plain(chat_tokenizer):
+    model, tok = fixture_model()
+    rm = EndoRM(model, chat_tokenizer)
+    prompts = ["Say nothing.", "Tell a story."]
+    results = rm.score(prompts, ["", "Once there was a cat."], per_token=True)
+    (empty, _) = encoded = rm.encoder("chat").encode([TextExample(p, r) for p, r in
+                                                      zip(prompts, ["", "Once there was a cat."])])
+    assert empty.response_ids[-1] == chat_tokenizer.eos_token_id  # the answer is the end of the turn
+    assert results[0].num_tokens == len(empty.response_ids) <= 2  # ("</s>", after the template's space)
+    expected = oracle(model, [e.prompt_ids for e in encoded], [e.response_ids for e in encoded])
+    assert_close_to_oracle(results, expected, rtol=1e-5)
+    with pytest.raises(EncodeError, match="example 1: empty response: under the plain template"):
+        EndoRM(model, tok).score(["a", "b"], ["c", ""])
+    (eos_only,) = Encoder(tok, "plain", append_eos=True).encode([TextExample("a", "")])
+    assert eos_only.response_ids == [tok.eos_token_id]

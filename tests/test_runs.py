@@ -156,3 +156,16 @@ def test_real_preference_layouts_give_the_margins_of_plain_pairs(tmp_path, rng, 
         margins[name] = [row["margin"] for row in got]
     for name, values in margins.items():
         assert values == margins["strings"], name
+
+
+def test_fields_map_renamed_and_nested_columns(tmp_path, rng):
+    rows = [(f"k{i}", sentence(rng), " " + sentence(rng)) for i in range(rng.randint(2, 6))]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": k, "prompt": p, "response": r} for k, p, r in rows])
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"key": k, "q": p, "a": {"text": r}} for k, p, r in rows])
+    run_cli("score", "--input", plain, "--output", tmp_path / "plain.out.jsonl")
+    run_cli("score", "--input", nested, "--output", tmp_path / "nested.out.jsonl",
+            "--fields", "prompt=q,response=a.text,id=key")
+    assert read_jsonl(tmp_path / "nested.out.jsonl") == read_jsonl(tmp_path / "plain.out.jsonl")
+    with pytest.raises(SystemExit) as refused:  # an unknown endokern name is a usage error, before any file
+        run_cli("score", "--input", nested, "--output", tmp_path / "bad.jsonl", "--fields", "question=q")
+    assert refused.value.code == 2 and not (tmp_path / "bad.jsonl").exists()

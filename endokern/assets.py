@@ -115,6 +115,9 @@ def dequantized_gguf(path: Path, *, cache_dir: Optional[str] = None) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(path) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the cache is shared like any folder the user makes
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

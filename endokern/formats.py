@@ -10,6 +10,14 @@ Preference layouts that ``compare`` reads, detected per row:
   style i, column j = rejected style j). "easy" is the mean over cells below the diagonal (the chosen
   response is the more elaborate style), "normal" the diagonal, "hard" the cells above it.
 - LLMBar: ``input``, ``output_1``, ``output_2``, ``label`` (1 or 2, the preferred output).
+- Labelled pairs (JudgeBench, MT-Bench judgements and the like): ``prompt``, ``response_a``, ``response_b``,
+  ``label`` naming the better one: ``A``/``B``, ``A>B``/``B>A`` (also ``>>``), or ``1``/``2``. A tie or any other
+  label is an error row that says so.
+- A conversation as the prompt: ``messages`` (the turns up to and including the last user turn) and ``chosen`` /
+  ``rejected`` strings: each is scored as the assistant turn after the conversation (a chat template is needed).
+- TRL's conversational preference formats: ``chosen`` / ``rejected`` as message lists, the prompt implicit in
+  their common prefix (each must end with the assistant turn that differs); or ``prompt`` as a message list with
+  ``chosen`` / ``rejected`` as one-assistant-turn message lists (or strings).
 - HH-RLHF: ``chosen`` and ``rejected`` whole transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ..."), split at the last
   "\\n\\nAssistant:"; both must share everything before it. With a chat template the turns become messages.
 
@@ -137,9 +145,79 @@ class Preference:
     layout: str
 
 
+_LABEL_A = {"a", "a>b", "a>>b", "1"}
+_LABEL_B = {"b", "b>a", "b>>a", "2"}
+
+
+def _labelled_pair(row: Dict[str, Any]) -> Preference:
+    prompt = _text(row, "prompt", allow_empty=True)
+    a, b = _text(row, "response_a", True), _text(row, "response_b", True)
+    label = row.get("label")
+    key = str(label).strip().lower().replace(" ", "") if isinstance(label, (str, int)) else None
+    if key in _LABEL_A:
+        chosen, rejected = a, b
+    elif key in _LABEL_B:
+        chosen, rejected = b, a
+    elif key in ("a=b", "b=a", "tie", "=", "0"):
+        raise RowError(f"label {label!r} is a tie: a pair with no preferred response cannot be compared")
+    else:
+        raise RowError(f"label {label!r} does not name the better response: use A/B, A>B/B>A or 1/2")
+    return Preference([TextExample(prompt, chosen), TextExample(prompt, rejected)], 1, False, "labelled-pair")
+
+
+def _messages(value: Any, name: str) -> List[Dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{name}' must be a non-empty list of {{role, content}} messages")
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(f"each message of '{name}' needs 'role' and 'content' strings")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _assistant_turn(value: Any, name: str) -> Dict[str, str]:
+    """A response given as a string or as a one-assistant-turn message list."""
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    turns = _messages(value, name)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise RowError(f"field '{name}' must be a string or one assistant message after the prompt's turns")
+    return turns[0]
+
+
+def _conversation_pair(row: Dict[str, Any], template: str) -> Preference:
+    """``messages`` or a message-list ``prompt`` plus chosen/rejected, or TRL's implicit-prompt message lists."""
+    if template != "chat":
+        raise RowError("a conversation needs a chat template (--template chat, and a model that has one)")
+    if _is_message_list(row.get("chosen")) and _is_message_list(row.get("rejected")) and not (
+        isinstance(row.get("prompt"), list) or isinstance(row.get("messages"), list)
+    ):  # TRL's implicit prompt: the common prefix of the two conversations
+        chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+            raise RowError("'chosen' and 'rejected' conversations must share every turn but their last")
+        head = chosen[:shared]
+        last = (chosen[-1], rejected[-1])
+    else:
+        name = "messages" if isinstance(row.get("messages"), list) else "prompt"
+        head = _messages(row[name], name)
+        last = (_assistant_turn(row.get("chosen"), "chosen"), _assistant_turn(row.get("rejected"), "rejected"))
+    if not head or head[-1]["role"] != "user":
+        raise RowError("the turn before the scored responses must be the user's")
+    for turn, name in zip(last, ("chosen", "rejected")):
+        if turn["role"] != "assistant":
+            raise RowError(f"the last turn of '{name}' must be the assistant's")
+    return Preference([TextExample(messages=head + [turn]) for turn in last], 1, False, "conversation")
+
+
 def preference_examples(row: Dict[str, Any], template: str) -> Preference:
     """The examples of a preference row in any layout of the module doc; ``template`` is ``plain`` or ``chat``."""
-    if "output_1" in row or "output_2" in row or "label" in row:
+    if "output_1" in row or "output_2" in row:
         prompt = _text(row, "input", allow_empty=True)
         outputs = [_text(row, "output_1"), _text(row, "output_2")]
         label = row.get("label")
@@ -148,9 +226,14 @@ def preference_examples(row: Dict[str, Any], template: str) -> Preference:
         chosen = outputs[int(label) - 1]
         rejected = outputs[2 - int(label)]
         return Preference([TextExample(prompt, chosen), TextExample(prompt, rejected)], 1, False, "llmbar")
+    if "response_a" in row or "response_b" in row:
+        return _labelled_pair(row)
     if "chosen" not in row or "rejected" not in row:
-        raise RowError("a preference row needs 'chosen' and 'rejected' (or LLMBar's 'output_1', 'output_2', 'label')")
+        raise RowError(_layout_hint(row))
     chosen, rejected = row["chosen"], row["rejected"]
+    if (isinstance(row.get("messages"), list) or isinstance(row.get("prompt"), list) or _is_message_list(chosen)
+            or _is_message_list(rejected)):
+        return _conversation_pair(row, template)
     if isinstance(chosen, list) or isinstance(rejected, list):
         if not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) != len(rejected) or not chosen:
             raise RowError("'chosen' and 'rejected' lists must be non-empty and of equal length")
@@ -168,6 +251,23 @@ def preference_examples(row: Dict[str, Any], template: str) -> Preference:
             False, "pair"
         )
     return Preference(_hh_examples(_text(row, "chosen"), _text(row, "rejected"), template), 1, False, "hh-rlhf")
+
+
+def _layout_hint(row: Dict[str, Any]) -> str:
+    """Which columns a row has and which layout they look closest to."""
+    found = sorted(row)
+    names = set(found)
+    if "label" in names:
+        looks = ("a labelled pair, which needs 'prompt', 'response_a', 'response_b', 'label' "
+                 "(or LLMBar's 'input', 'output_1', 'output_2', 'label')")
+    elif names & {"chosen", "rejected"}:
+        looks = "a preference pair, which needs both 'chosen' and 'rejected'"
+    elif names & {"response", "responses"}:
+        looks = "a row for 'score' or 'rank', not a preference pair"
+    else:
+        looks = "no preference layout"
+    return (f"columns {found} look like {looks}; map other names with --fields NAME=COLUMN "
+            "(e.g. --fields chosen=better,rejected=worse)")
 
 
 def _hh_examples(chosen: str, rejected: str, template: str) -> List[TextExample]:

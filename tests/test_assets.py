@@ -62,3 +62,22 @@ def test_resolve_model_passes_folders_and_hub_ids_through(tmp_path, monkeypatch)
     assert assets.resolve_model("org/name") == "org/name"
     with pytest.raises(FileNotFoundError, match="GGUF"):
         assets.resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_the_dequantized_cache_folder_is_shared_like_any_folder(tmp_path, monkeypatch):
+    """mkdtemp makes a 0700 folder; the cache must end with the user's umask (group-readable under 022)."""
+    import transformers
+    from model_utils import fixture_model
+
+    model, tokenizer = fixture_model()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(os.urandom(64))  # only hashed: the loaders above stand in for transformers' GGUF reader
+    old = os.umask(0o022)
+    try:
+        folder = assets.dequantized_gguf(gguf, cache_dir=str(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    assert (folder / "config.json").exists() and (folder / ".complete").exists()
+    assert folder.stat().st_mode & 0o777 == 0o755

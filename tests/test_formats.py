@@ -92,3 +92,59 @@ def test_optional_subset_names_only_rows_without_one():
     assert formats.optional_subset(row, "f") == {"a": 1, "subset": "f"} and row == {"a": 1}
     assert formats.optional_subset({"subset": "own"}, "f") == {"subset": "own"}
     assert formats.optional_subset(row, None) is row
+
+
+def test_labelled_pairs_every_label_spelling(rng):
+    p, a, b = words(rng), words(rng), words(rng)
+    a_wins = rng.choice(["A", "a", "A>B", "A>>B", "a > b", 1, "1"])
+    b_wins = rng.choice(["B", "b", "B>A", "B>>A", 2, "2"])
+    for label, better, worse in ((a_wins, a, b), (b_wins, b, a)):
+        pref = formats.preference_examples({"prompt": p, "response_a": a, "response_b": b, "label": label}, "plain")
+        assert pref.examples == [TextExample(p, better), TextExample(p, worse)] and pref.layout == "labelled-pair"
+    for label, says in (("A=B", "tie"), ("tie", "tie"), ("C", "does not name"), (None, "does not name")):
+        with pytest.raises(formats.RowError, match=says):
+            formats.preference_examples({"prompt": p, "response_a": a, "response_b": b, "label": label}, "plain")
+
+
+def test_a_label_column_beside_chosen_and_rejected_is_not_llmbar(rng):
+    p, c, r = words(rng), words(rng), words(rng)
+    pref = formats.preference_examples({"prompt": p, "chosen": c, "rejected": r, "label": 1}, "plain")
+    assert pref.examples == [TextExample(p, c), TextExample(p, r)]
+
+
+def test_judgebench_like_rows_through_fields(rng):
+    q, a, b = words(rng), words(rng), words(rng)
+    row = {"pair_id": "x", "question": q, "response_A": a, "response_B": b, "label": "B>A"}
+    with pytest.raises(formats.RowError, match=r"columns \['label', 'pair_id', 'question', 'response_A', "
+                                                 r"'response_B'\] look like a labelled pair"):
+        formats.preference_examples(row, "plain")
+    mapping = formats.parse_fields("prompt=question,response_a=response_A,response_b=response_B")
+    pref = formats.preference_examples(formats.map_fields(row, mapping), "plain")
+    assert pref.examples == [TextExample(q, b), TextExample(q, a)]
+
+
+def test_conversation_layouts(rng):
+    turns = [{"role": "user", "content": words(rng)}]
+    if rng.random() < 0.5:  # a longer conversation before the scored turn
+        turns = [{"role": "system", "content": words(rng)}, *turns, {"role": "assistant", "content": words(rng)},
+                 {"role": "user", "content": words(rng)}]
+    c, r = words(rng), words(rng)
+    want = [TextExample(messages=turns + [{"role": "assistant", "content": x}]) for x in (c, r)]
+    rows = {
+        "messages + strings": {"messages": turns, "chosen": c, "rejected": r},
+        "trl implicit prompt": {"chosen": want[0].messages, "rejected": want[1].messages},
+        "trl explicit prompt": {"prompt": turns, "chosen": [{"role": "assistant", "content": c}],
+                                "rejected": [{"role": "assistant", "content": r}]},
+        "prompt list + strings": {"prompt": turns, "chosen": c, "rejected": r},
+    }
+    for name, row in rows.items():
+        pref = formats.preference_examples(row, "chat")
+        assert pref.examples == want and pref.layout == "conversation", name
+        with pytest.raises(formats.RowError, match="chat template"):
+            formats.preference_examples(row, "plain")
+    bad = {"chosen": want[0].messages, "rejected": [{"role": "user", "content": "other"}] + want[1].messages[-1:]}
+    with pytest.raises(formats.RowError, match="share every turn but their last"):
+        formats.preference_examples(bad, "chat")
+    with pytest.raises(formats.RowError, match="must be the user's"):
+        formats.preference_examples({"messages": [{"role": "assistant", "content": c}], "chosen": c, "rejected": r},
+                                    "chat")

@@ -8,6 +8,7 @@ import random
 import pytest
 from model_utils import FIXTURE, fixture_model
 from test_cli import read_jsonl, run_cli, sentence, write_jsonl
+from test_tokenization import chat_tokenizer  # noqa: F401  (a fixture)
 
 import endokern
 from endokern import EndoRM, runs
@@ -125,3 +126,46 @@ def test_tokens_per_second_counts_a_shared_prompt_once(tmp_path, rng):
         assert chosen.prompt_ids == rejected.prompt_ids
         expected += len(chosen.prompt_ids) + len(chosen.response_ids) + len(rejected.response_ids)
     assert result.stats.tokens == expected and result.stats.examples == 2 * len(rows)
+
+
+def test_real_preference_layouts_give_the_margins_of_plain_pairs(tmp_path, rng, chat_tokenizer):
+    """Labelled pairs, a conversation as the prompt and TRL's conversational formats, through a compare run,
+    give exactly the margins of the same pairs written as prompt / chosen / rejected strings."""
+    model, _ = fixture_model()
+    rm = EndoRM(model, chat_tokenizer)
+    pairs = [(sentence(rng), sentence(rng), sentence(rng)) for _ in range(rng.randint(3, 6))]
+    user = lambda p: [{"role": "user", "content": p}]  # noqa: E731
+    said = lambda x: {"role": "assistant", "content": x}  # noqa: E731
+    flip = [rng.random() < 0.5 for _ in pairs]
+    layouts = {
+        "strings": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs],
+        "labelled": [{"prompt": p, "response_a": r if f else c, "response_b": c if f else r, "label": "B>A" if f else "A"}
+                     for (p, c, r), f in zip(pairs, flip)],
+        "messages": [{"messages": user(p), "chosen": c, "rejected": r} for p, c, r in pairs],
+        "trl-implicit": [{"chosen": user(p) + [said(c)], "rejected": user(p) + [said(r)]} for p, c, r in pairs],
+        "trl-explicit": [{"prompt": user(p), "chosen": [said(c)], "rejected": [said(r)]} for p, c, r in pairs],
+    }
+    margins = {}
+    for name, rows in layouts.items():
+        src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        out = tmp_path / f"{name}.out.jsonl"
+        endokern.run(Settings(command="compare", input=[src], output=str(out), template="chat", progress=False),
+                     rm=rm, log=lambda line: None)
+        got = read_jsonl(out)
+        assert len(got) == len(pairs), name
+        margins[name] = [row["margin"] for row in got]
+    for name, values in margins.items():
+        assert values == margins["strings"], name
+
+
+def test_fields_map_renamed_and_nested_columns(tmp_path, rng):
+    rows = [(f"k{i}", sentence(rng), " " + sentence(rng)) for i in range(rng.randint(2, 6))]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": k, "prompt": p, "response": r} for k, p, r in rows])
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"key": k, "q": p, "a": {"text": r}} for k, p, r in rows])
+    run_cli("score", "--input", plain, "--output", tmp_path / "plain.out.jsonl")
+    run_cli("score", "--input", nested, "--output", tmp_path / "nested.out.jsonl",
+            "--fields", "prompt=q,response=a.text,id=key")
+    assert read_jsonl(tmp_path / "nested.out.jsonl") == read_jsonl(tmp_path / "plain.out.jsonl")
+    with pytest.raises(SystemExit) as refused:  # an unknown endokern name is a usage error, before any file
+        run_cli("score", "--input", nested, "--output", tmp_path / "bad.jsonl", "--fields", "question=q")
+    assert refused.value.code == 2 and not (tmp_path / "bad.jsonl").exists()

@@ -142,7 +142,7 @@ def main() -> None:
         offline_s, reference = offline(rows_path, Path(tmp) / "out.jsonl", model_args)
     tokens = sum(r["num_tokens"] for r in reference.values())  # response tokens
     report = {"machine": name, "platform": platform.platform(), "processor": platform.processor(),
-              "model": args.model, "rows": args.rows, "rows_per_request": args.rows_per_request,
+              "model": os.path.relpath(args.model, HERE.parent) if os.path.isdir(args.model) else args.model, "rows": args.rows, "rows_per_request": args.rows_per_request,
               "offline": {"seconds": round(offline_s, 3), "rows_per_s": round(args.rows / offline_s, 2)}, "serve": []}
     print(f"offline endokern score: {args.rows} rows in {offline_s:.2f} s, {args.rows / offline_s:.1f} rows/s")
 

@@ -6,6 +6,7 @@
     endokern filter   as score                                    -> kept rows; the rest with the reason
     endokern explain  one prompt + responses (or one input row)   -> token rewards: terminal colours, an HTML page
     endokern eval     preference suites x reward variants/baselines -> accuracy with 95% intervals, report.md/.json
+    endokern serve    one model behind HTTP for RL loops: /score, /get_reward (OpenRLHF), /health, /metrics
     endokern backends                                             -> which kernel backends run here
 """
 
@@ -212,9 +213,34 @@ def _check_eval_errors(folder: str, passes, max_error_fraction: Optional[float])
                                f"more than --max-error-fraction {max_error_fraction:g}{where}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one model over HTTP for RL loops: POST /score, POST /get_reward (OpenRLHF's remote reward model),
+    GET /health, GET /metrics; concurrent requests are batched together (pip install 'endokern[serve]')."""
+    try:
+        from .serve import ServeOptions, serve
+
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise SettingsError(f"serve: {err}; install the server with pip install 'endokern[serve]'") from None
+    settings = _model_settings(args)
+    try:
+        options = ServeOptions.from_args(args).validate()
+    except SettingsError as err:
+        raise SettingsError(f"serve: {err}") from None
+    serve(settings, options, log=_stderr)
+    return 0
+
+
 def _doc(command) -> str:
     """A command's docstring as argparse help (which %-formats it)."""
     return " ".join((command.__doc__ or "").split()).replace("%", "%%")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .serve import ServeOptions  # no web framework needed to build the parser
+
+    ServeOptions.add_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--color-by", default="reward", choices=("reward", "logprob", "entropy"),
                       help="what the colours show (the HTML page can switch)")
     expl.set_defaults(func=cmd_explain)
+
+    srv = sub.add_parser("serve", help=_doc(cmd_serve))
+    Settings.add_arguments(srv, ("model", "reward"))
+    _add_serve_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help=_doc(cmd_eval))
     ev.add_argument("--suite", nargs="+", default=["all"],

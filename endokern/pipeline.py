@@ -191,26 +191,31 @@ def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, Li
     return process_chunk(rm, task, encoder, chunk, max_length, stats=stats, progress=progress)
 
 
-def process_chunk(
+@dataclass
+class PreparedChunk:
+    """A chunk's rows after parsing, encoding and length checks, before the model runs: the rows that failed (error
+    rows, in input order), the rows to score with the slots of their examples in ``to_score``, and those examples."""
+
+    errors: List[dict]
+    scorable: List[Tuple[InputRow, Dict[str, Any], Any, List[int]]]  # item, row, state, slots in to_score
+    to_score: List[Encoded]
+    rows: int  # rows in the chunk
+
+    @property
+    def rows_per_example(self) -> float:
+        return (self.rows - len(self.errors)) / max(len(self.to_score), 1)
+
+
+def prepare_chunk(
     rm: EndoRM,
     task: Task,
     encoder,
     chunk: Sequence[Tuple[InputRow, Optional[str]]],
     max_length: Optional[int] = None,
-    *,
-    stats: Optional[RunStats] = None,
-    progress: Optional[Callable[[int, int, float], None]] = None,
-) -> Dict[str, List[dict]]:
-    """One chunk of input rows through ``task``: the rows of each output stream (``output``, ``errors``, and
-    ``rejected`` for filter), each in input order.
-
-    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`endokern.io.read_inputs` yields them; ``encoder`` is
-    ``rm.encoder(template, system=..., append_eos=...)``. A row that cannot be parsed, has no usable fields, fails to
-    encode, or is longer than ``max_length`` (or the model's positions) goes to ``errors`` with the reason. The
-    chunk's examples are encoded and scored together, so the same chunk gives the same results in any process.
-    ``stats`` (when given) counts the examples scored and the tokens the model ran; ``progress(examples, tokens,
-    rows_per_example)`` is called after each scored batch. Used by :func:`stream` and by the Ray engine.
-    """
+) -> PreparedChunk:
+    """The first half of :func:`process_chunk`: rows -> examples -> token ids, with every row that cannot be parsed,
+    has no usable fields, fails to encode, or is longer than ``max_length`` (or the model's positions) as an error
+    row. Runs no model (the server prepares requests while the model scores others)."""
     errors: List[dict] = []
     accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
     examples: List[TextExample] = []
@@ -252,7 +257,32 @@ def process_chunk(
             continue
         scorable.append((item, row, state, list(range(len(to_score), len(to_score) + count))))
         to_score.extend(mine)
-    rows_per_example = (len(chunk) - len(errors)) / max(len(to_score), 1)
+    return PreparedChunk(errors, scorable, to_score, len(chunk))
+
+
+def process_chunk(
+    rm: EndoRM,
+    task: Task,
+    encoder,
+    chunk: Sequence[Tuple[InputRow, Optional[str]]],
+    max_length: Optional[int] = None,
+    *,
+    stats: Optional[RunStats] = None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> Dict[str, List[dict]]:
+    """One chunk of input rows through ``task``: the rows of each output stream (``output``, ``errors``, and
+    ``rejected`` for filter), each in input order.
+
+    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`endokern.io.read_inputs` yields them; ``encoder`` is
+    ``rm.encoder(template, system=..., append_eos=...)``. A row that cannot be parsed, has no usable fields, fails to
+    encode, or is longer than ``max_length`` (or the model's positions) goes to ``errors`` with the reason
+    (:func:`prepare_chunk`). The chunk's examples are encoded and scored together, so the same chunk gives the same
+    results in any process. ``stats`` (when given) counts the examples scored and the tokens the model ran;
+    ``progress(examples, tokens, rows_per_example)`` is called after each scored batch. Used by :func:`stream` and by
+    the Ray engine.
+    """
+    prepared = prepare_chunk(rm, task, encoder, chunk, max_length)
+    rows_per_example = prepared.rows_per_example
 
     def report(n_examples: int, n_tokens: int) -> None:
         if stats is not None:
@@ -261,9 +291,10 @@ def process_chunk(
         if progress is not None:
             progress(n_examples, n_tokens, rows_per_example)
 
+    to_score = prepared.to_score
     results = rm.score_encoded(to_score, per_token=task.per_token, progress=report) if to_score else []
-    streams: Dict[str, List[dict]] = {"errors": errors}
-    for item, row, state, slots in scorable:
+    streams: Dict[str, List[dict]] = {"errors": prepared.errors}
+    for item, row, state, slots in prepared.scorable:
         for name, rows_out in task.outputs(row, item.index, state, [results[s] for s in slots]).items():
             streams.setdefault(name, []).extend(rows_out)
     # Errors and outputs are both in input order within their own streams.

@@ -1,0 +1,551 @@
+"""``endokern serve``: one :class:`endokern.EndoRM` behind HTTP, for RL loops (SPEC section 4b).
+
+Endpoints:
+
+- ``POST /score``: ``{"rows": [{"prompt", "response"} | {"messages"}], "per_token": false}`` ->
+  ``{"results": [...]}``, one per row in order: the fields of ``endokern score``'s output rows (``id``, ``reward``,
+  ``reward_mean``, ``logprob``, ``num_tokens``; with ``per_token``, ``token_rewards`` and ``token_logprobs``), or
+  ``{"id", "error"}`` for a row that cannot be scored. Optional ``gamma``, ``terminal``, ``reduce`` pick a reward
+  variant for this request (from the same forward pass, :func:`endokern.variants.variant_score`).
+- ``POST /get_reward``: OpenRLHF's remote reward model: ``{"query": [prompt + response texts], "prompts": [prompt
+  texts]}`` -> ``{"rewards": [...], "scores": [...], "extra_logs": {}}``. The texts are already rendered (the
+  policy's chat markup included), so they are tokenized as ``template="plain"`` text: the response is the query after
+  its prompt. Any bad query fails the whole request (422, naming each one): an RL loop must not train on a stand-in.
+- ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text).
+
+Scheduling: request handlers parse and tokenize rows on one encoding thread (the same row -> examples -> token ids
+path and checks as offline runs, :func:`endokern.pipeline.prepare_chunk`), then queue the token ids. One scoring
+thread owns the model: it takes the oldest request, waits up to ``max_wait_ms`` for others (unless a step's worth of
+tokens is already queued), merges whole requests up to ``step_tokens`` and scores them with one ``score_encoded``
+call, which sorts them by length into forward batches of the model's ``batch_tokens``. So 16 clients sending 4 rows
+each run as a few large batches, and a row's reward is its offline reward up to batch-composition rounding.
+
+Limits: a request whose tokens would take the queue past ``max_queue_tokens`` gets 503 with ``Retry-After``; a body
+over ``max_body_bytes`` gets 413 (as does a request too large ever to be queued); malformed JSON 400; wrong fields
+422, naming the problem; rows over ``--max-length`` are per-row errors. With an API key (``--api-key`` or
+``$ENDOKERN_API_KEY``) every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (compared in constant
+time; 401 otherwise). SIGTERM (uvicorn's graceful shutdown) stops accepting connections, lets the requests in flight
+finish, then stops the scoring thread. A request whose client went away before its turn is dropped from the queue;
+one already being scored does not hold up the others.
+"""
+
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import hmac
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from .io import InputRow
+from .model import EndoRM, ScoreResult
+from .pipeline import PreparedChunk, ScoreTask, prepare_chunk
+from .settings import Settings, SettingsError, check_reward
+from .tokenization import Encoded, Encoder
+from .variants import Variant, variant_score
+
+API_KEY_ENV = "ENDOKERN_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Latency histogram buckets (seconds) of /metrics.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class ServeOptions:
+    """The server's own options (the model's come from :class:`endokern.settings.Settings`)."""
+
+    host: str = field(default="127.0.0.1", metadata=dict(help="address to bind (a non-loopback one without "
+                                                             "--api-key prints a warning)"))
+    port: int = field(default=8000, metadata=dict(help="port (0: any free one, printed at start)", type=int))
+    api_key: Optional[str] = field(default=None, metadata=dict(
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV})"))
+    max_wait_ms: float = field(default=5.0, metadata=dict(
+        help="how long the oldest queued request waits for others to share its batch", type=float))
+    step_tokens: Optional[int] = field(default=None, metadata=dict(
+        help="tokens of queued requests merged into one scoring step (default: 4 x --batch-tokens)", type=int))
+    max_queue_tokens: int = field(default=262144, metadata=dict(
+        help="tokens waiting to be scored; a request past it gets 503 with Retry-After", type=int))
+    max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=dict(
+        help="largest request body; a larger one gets 413", type=int))
+
+    def validate(self) -> "ServeOptions":
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"--port must be in [0, 65535], got {self.port}")
+        if not self.max_wait_ms >= 0 or not math.isfinite(self.max_wait_ms):
+            raise SettingsError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("step_tokens", "max_queue_tokens", "max_body_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.api_key is not None and not self.api_key:
+            raise SettingsError("--api-key must not be empty")
+        return self
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("the server")
+        for f in fields(cls):
+            meta = dict(f.metadata)
+            group.add_argument("--" + f.name.replace("_", "-"), default=f.default, **meta)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeOptions":
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        if values["api_key"] is None:
+            values["api_key"] = os.environ.get(API_KEY_ENV) or None
+        return cls(**values)
+
+
+class HTTPError(Exception):
+    """A request that fails as a whole: the status, the reason, and headers (Retry-After)."""
+
+    def __init__(self, status: int, detail: Any, headers: Optional[Dict[str, str]] = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class Metrics:
+    """Counters, gauges and one latency histogram, rendered as Prometheus text. Fixed size: memory stays flat."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Dict[Tuple[str, int], int] = collections.Counter()
+        self.rows = 0
+        self.row_errors = 0
+        self.tokens = 0
+        self.steps = 0
+        self.step_rows = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(path, status)] += 1
+            self.latency_sum += seconds
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    self.latency_counts[i] += 1
+                    break
+            else:
+                self.latency_counts[-1] += 1
+
+    def rows_done(self, rows: int, errors: int) -> None:
+        with self._lock:
+            self.rows += rows
+            self.row_errors += errors
+
+    def step(self, rows: int, tokens: int) -> None:
+        with self._lock:
+            self.steps += 1
+            self.step_rows += rows
+            self.tokens += tokens
+
+    def render(self, queue_tokens: int, queue_requests: int) -> str:
+        with self._lock:
+            lines = ["# HELP endokern_requests_total HTTP requests by path and status.",
+                     "# TYPE endokern_requests_total counter"]
+            for (path, status), n in sorted(self.requests.items()):
+                lines.append(f'endokern_requests_total{{path="{path}",code="{status}"}} {n}')
+            for name, kind, text, value in (
+                ("rows_total", "counter", "rows received by /score and /get_reward", self.rows),
+                ("row_errors_total", "counter", "rows answered with an error", self.row_errors),
+                ("tokens_total", "counter", "tokens of the rows scored (prompt + response)", self.tokens),
+                ("steps_total", "counter", "scoring steps (merged requests, one score_encoded call each)", self.steps),
+                ("step_rows_total", "counter", "examples scored by the steps", self.step_rows),
+                ("queue_tokens", "gauge", "tokens waiting to be scored", queue_tokens),
+                ("queue_requests", "gauge", "requests waiting to be scored", queue_requests),
+            ):
+                lines += [f"# HELP endokern_{name} {text}.", f"# TYPE endokern_{name} {kind}", f"endokern_{name} {value}"]
+            lines += ["# HELP endokern_request_duration_seconds Time from a request's arrival to its answer.",
+                      "# TYPE endokern_request_duration_seconds histogram"]
+            cumulative = 0
+            for bound, n in zip(LATENCY_BUCKETS, self.latency_counts):
+                cumulative += n
+                lines.append(f'endokern_request_duration_seconds_bucket{{le="{bound:g}"}} {cumulative}')
+            total = cumulative + self.latency_counts[-1]
+            lines += [f'endokern_request_duration_seconds_bucket{{le="+Inf"}} {total}',
+                      f"endokern_request_duration_seconds_sum {self.latency_sum:.6f}",
+                      f"endokern_request_duration_seconds_count {total}"]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ the scheduler
+
+
+@dataclass
+class Pending:
+    """A request's examples waiting in the queue, and how to hand back its results (or the error)."""
+
+    encoded: List[Encoded]
+    per_token: bool
+    deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None]
+    tokens: int
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class Batcher:
+    """One thread owns the model and scores merged requests (see the module doc)."""
+
+    def __init__(self, rm: EndoRM, *, max_wait_s: float, step_tokens: int, max_queue_tokens: int,
+                 metrics: Optional[Metrics] = None):
+        self.rm = rm
+        self.max_wait_s = max_wait_s
+        self.step_tokens = step_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self.metrics = metrics or Metrics()
+        self.queued_tokens = 0
+        self._queue: Deque[Pending] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="endokern-scorer", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._queue)
+
+    def submit(self, encoded: List[Encoded], per_token: bool,
+               deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None]) -> Optional[Pending]:
+        """Queue a request; None when its tokens would take the queue past ``max_queue_tokens``."""
+        item = Pending(encoded, per_token, deliver, sum(e.length for e in encoded))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scorer has stopped")
+            if self.queued_tokens + item.tokens > self.max_queue_tokens:
+                return None
+            self._queue.append(item)
+            self.queued_tokens += item.tokens
+            self._cond.notify()
+        return item
+
+    def close(self) -> None:
+        """Score what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _take(self) -> Optional[List[Pending]]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            # Wait for company: until the oldest has waited max_wait_s, or a step's worth of tokens is queued.
+            deadline = self._queue[0].arrived + self.max_wait_s
+            while self.queued_tokens < self.step_tokens and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            taken, tokens = [], 0
+            while self._queue and (not taken or tokens + self._queue[0].tokens <= self.step_tokens):
+                item = self._queue.popleft()
+                self.queued_tokens -= item.tokens
+                if not item.cancelled:  # its client went away while it waited
+                    taken.append(item)
+                    tokens += item.tokens
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            if not taken:
+                continue
+            encoded = [e for item in taken for e in item.encoded]
+            try:
+                results = self.rm.score_encoded(encoded, per_token=any(item.per_token for item in taken))
+            except Exception as err:  # noqa: BLE001 - handed to each waiting request as a 500
+                for item in taken:
+                    item.deliver(None, err)
+                continue
+            self.metrics.step(len(encoded), sum(item.tokens for item in taken))
+            start = 0
+            for item in taken:
+                item.deliver(results[start : start + len(item.encoded)], None)
+                start += len(item.encoded)
+
+
+# ------------------------------------------------------------------------------------------------ the service
+
+
+class RewardService:
+    """What the endpoints do, without HTTP: parse a body, prepare rows, queue them, assemble the answer."""
+
+    def __init__(self, rm: EndoRM, settings: Settings, options: ServeOptions):
+        self.rm = rm
+        self.settings = settings
+        self.options = options
+        self.metrics = Metrics()
+        self.task = ScoreTask(per_token=False)
+        self.per_token_task = ScoreTask(per_token=True)
+        self.encoder = rm.encoder(settings.template, system=settings.system, append_eos=settings.append_eos)
+        # /get_reward's texts are rendered already (the policy's chat markup included): plain text
+        self.plain_encoder = rm.encoder("plain", append_eos=settings.append_eos)
+        self.bos_text = getattr(rm.tokenizer, "bos_token", None) if _adds_bos(rm.tokenizer) else None
+        # One encoding thread: the fast tokenizer is not shared between threads, and the model thread runs beside it.
+        self.encode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="endokern-encode")
+        step = options.step_tokens or 4 * rm.batch_tokens
+        self.batcher = Batcher(rm, max_wait_s=options.max_wait_ms / 1000.0, step_tokens=step,
+                               max_queue_tokens=options.max_queue_tokens, metrics=self.metrics)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.encode_pool.shutdown(wait=True)
+
+    async def _prepare(self, rows: Sequence[Any], encoder: Encoder, task: ScoreTask) -> PreparedChunk:
+        chunk = [(InputRow(i, row, None) if isinstance(row, dict) else InputRow(i, None, "row is not a JSON object"),
+                  None) for i, row in enumerate(rows)]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.encode_pool, prepare_chunk, self.rm, task, encoder, chunk,
+                                          self.settings.max_length)
+
+    async def _score(self, encoded: List[Encoded], per_token: bool) -> List[ScoreResult]:
+        if not encoded:
+            return []
+        tokens = sum(e.length for e in encoded)
+        if tokens > self.options.max_queue_tokens:
+            raise HTTPError(413, f"the request's rows hold {tokens} tokens, more than the queue takes "
+                                 f"(--max-queue-tokens {self.options.max_queue_tokens}); split it")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def resolve(results, error):
+            if not future.done():  # the handler may have been cancelled (the client went away)
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(results)
+
+        def deliver(results, error):
+            loop.call_soon_threadsafe(resolve, results, error)
+
+        item = self.batcher.submit(encoded, per_token, deliver)
+        if item is None:
+            raise HTTPError(503, f"the queue is full ({self.batcher.queued_tokens} tokens waiting, "
+                                 f"--max-queue-tokens {self.options.max_queue_tokens}); retry later",
+                            {"Retry-After": "1"})
+        try:
+            return await future
+        except asyncio.CancelledError:
+            item.cancelled = True
+            raise
+
+    async def score(self, body: Any) -> Dict[str, Any]:
+        body = _object(body)
+        unknown = set(body) - {"rows", "per_token", "gamma", "terminal", "reduce"}
+        if unknown:
+            raise HTTPError(422, f"unknown field(s) {sorted(unknown)}; /score takes rows, per_token, gamma, terminal, "
+                                 "reduce")
+        rows = body.get("rows")
+        if not isinstance(rows, list):
+            raise HTTPError(422, "field 'rows' must be a list of {prompt, response} or {messages} objects")
+        per_token = body.get("per_token", False)
+        if not isinstance(per_token, bool):
+            raise HTTPError(422, "field 'per_token' must be true or false")
+        variant = self._variant(body)
+        task = self.per_token_task if per_token else self.task
+        prepared = await self._prepare(rows, self.encoder, task)
+        results = await self._score(prepared.to_score, per_token or variant is not None)
+        answer: List[Optional[Dict[str, Any]]] = [None] * len(rows)
+        for error in prepared.errors:
+            answer[error["row"]] = {"id": error.get("id", error["row"]), "error": error["reason"]}
+        for item, row, state, slots in prepared.scorable:
+            out = task.outputs(row, item.index, state, [results[s] for s in slots])["output"][0]
+            if variant is not None:
+                result = results[slots[0]]
+                out["reward"] = variant_score(result, variant, self.rm.alpha)
+                out["reward_mean"] = variant_score(result, Variant("mean", "reward", variant.gamma, variant.terminal,
+                                                                   "mean"), self.rm.alpha)
+            answer[item.index] = out
+        self.metrics.rows_done(len(rows), len(prepared.errors))
+        return {"results": answer}
+
+    def _variant(self, body: Dict[str, Any]) -> Optional[Variant]:
+        if not any(k in body for k in ("gamma", "terminal", "reduce")):
+            return None
+        gamma = body.get("gamma", self.rm.gamma)
+        terminal = body.get("terminal", self.rm.terminal)
+        reduce = body.get("reduce", self.rm.reduce)
+        if isinstance(gamma, bool):
+            gamma = None
+        try:
+            check_reward(self.rm.alpha, gamma, terminal, reduce)
+        except SettingsError as err:
+            raise HTTPError(422, str(err)) from None
+        return Variant("request", "reward", float(gamma), terminal, reduce)
+
+    async def get_reward(self, body: Any) -> Dict[str, Any]:
+        body = _object(body)
+        queries, prompts = body.get("query"), body.get("prompts")
+        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+            raise HTTPError(422, "field 'query' must be a list of strings (prompt + response texts)")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise HTTPError(422, "field 'prompts' must be a list of strings (the prompt of each query)")
+        if len(queries) != len(prompts):
+            raise HTTPError(422, f"{len(queries)} queries but {len(prompts)} prompts")
+        bos = self.bos_text
+        rows, errors = [], []
+        for i, (query, prompt) in enumerate(zip(queries, prompts)):
+            if not query.startswith(prompt):
+                errors.append({"index": i, "error": "the query does not start with its prompt"})
+            # A rendered prompt that already begins with the BOS text gets the BOS from the tokenizer, not twice.
+            if bos and prompt.startswith(bos):
+                query, prompt = query[len(bos):], prompt[len(bos):]
+            rows.append({"prompt": prompt, "response": query[len(prompt):]})
+        if not errors:
+            prepared = await self._prepare(rows, self.plain_encoder, self.task)
+            errors = [{"index": e["row"], "error": e["reason"]} for e in prepared.errors]
+        if errors:
+            self.metrics.rows_done(len(rows), len(errors))
+            raise HTTPError(422, {"message": f"{len(errors)} of {len(rows)} queries cannot be scored", "errors": errors})
+        results = await self._score(prepared.to_score, False)
+        rewards = [0.0] * len(rows)
+        for item, _, _, slots in prepared.scorable:
+            rewards[item.index] = results[slots[0]].reward
+        self.metrics.rows_done(len(rows), 0)
+        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+
+    def health(self) -> Dict[str, Any]:
+        return {"status": "ok", "model": self.settings.model, "queue_tokens": self.batcher.queued_tokens,
+                "queue_requests": self.batcher.queued_requests}
+
+    def render_metrics(self) -> str:
+        return self.metrics.render(self.batcher.queued_tokens, self.batcher.queued_requests)
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
+
+
+def _object(body: Any) -> Dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HTTPError(422, f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+
+
+def create_app(service: RewardService):
+    """The FastAPI application over ``service`` (its scoring thread stops when the application shuts down)."""
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn reaches here after the requests in flight have been answered
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    app = FastAPI(title="endokern", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    key = service.options.api_key.encode() if service.options.api_key else None
+    limit = service.options.max_body_bytes
+
+    def error(status: int, detail: Any, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        start = time.monotonic()
+        path = request.url.path
+        if key is not None and path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key)):
+                response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 {"WWW-Authenticate": "Bearer"})
+                service.metrics.request(path, 401, time.monotonic() - start)
+                return response
+        response = await call_next(request)
+        known = path in ("/score", "/get_reward", "/health", "/metrics")
+        service.metrics.request(path if known else "other", response.status_code, time.monotonic() - start)
+        return response
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise HTTPError(413, f"the body has {length} bytes, more than --max-body-bytes {limit}")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise HTTPError(413, f"the body is longer than --max-body-bytes {limit}")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HTTPError(400, f"malformed JSON: {err}") from None
+
+    async def answer(request: Request, handler) -> JSONResponse:
+        try:
+            return JSONResponse(await handler(await read_json(request)))
+        except HTTPError as err:
+            return error(err.status, err.detail, err.headers)
+
+    @app.post("/score")
+    async def score(request: Request):
+        return await answer(request, service.score)
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        return await answer(request, service.get_reward)
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.render_metrics(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(settings: Settings, options: ServeOptions, log: Callable[[str], None] = print) -> None:
+    """Load the model of ``settings`` and serve it until SIGTERM or SIGINT (see the module doc)."""
+    import socket
+
+    import uvicorn
+
+    if options.host not in LOOPBACK and not options.api_key:
+        log(f"endokern serve: warning: listening on {options.host} with no API key; anyone who can reach it can use "
+            f"it (set --api-key or ${API_KEY_ENV})")
+    rm = EndoRM.from_settings(settings)
+    service = RewardService(rm, settings, options)
+    app = create_app(service)
+    # Bind first, so --port 0 can print the port it got before clients are told where to go.
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((options.host, options.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    log(f"endokern serve: {settings.model} on http://{options.host}:{port} (batch tokens {rm.batch_tokens}, "
+        f"step tokens {service.batcher.step_tokens}, max wait {options.max_wait_ms:g} ms)")
+    sys.stderr.flush()
+    # uvicorn raises the signal that stopped it again once it has shut down; a quiet handler makes that a clean exit
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    log("endokern serve: stopped")
+
+
+__all__ = ["Batcher", "HTTPError", "Metrics", "RewardService", "ServeOptions", "create_app", "serve"]

@@ -1,0 +1,372 @@
+"""``endokern serve`` (SPEC section 4b): a real server process on a free localhost port, its endpoints, limits,
+access, overload, SIGTERM with requests in flight, and rewards equal to offline ``endokern score``; the scheduler
+(merging, cancellation, errors) with a recording stand-in model."""
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+# CI installs the [serve] extra and sets ENDOKERN_REQUIRE_SERVE=1: a missing server package fails instead of skipping
+if os.environ.get("ENDOKERN_REQUIRE_SERVE") != "1":
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+import httpx  # noqa: E402
+
+from model_utils import FIXTURE, fixture_model  # noqa: E402
+from serve_utils import Server  # noqa: E402
+
+import endokern  # noqa: E402
+from endokern import EndoRM, Settings  # noqa: E402
+from endokern.model import ScoreResult  # noqa: E402
+from endokern.serve import Batcher  # noqa: E402
+from endokern.tokenization import Encoded, TextExample  # noqa: E402
+
+WORDS = ("the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was went to "
+         "a in on with her his they saw").split()
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_LENGTH = 60  # a good row (at most 6 + 6 words of at most 4 tokens, plus a BOS) never reaches it
+RTOL = 1e-5  # the batch-composition tolerance of the model tests (SPEC section 3)
+
+
+def sentence(rng, low=1, high=6):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def good_rows(rng, n):
+    return [{"id": f"r{i}-{rng.randrange(10**6)}", "prompt": sentence(rng), "response": " " + sentence(rng)}
+            for i in range(n)]
+
+
+@pytest.fixture
+def rng(gen):
+    return random.Random(int(gen.initial_seed()))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--max-length", MAX_LENGTH, "--max-body-bytes", 65536, env={"ENDOKERN_API_KEY": KEY})
+    yield srv
+    assert srv.stop() == 0, "".join(srv.log)
+
+
+def post(url, path, body, headers=AUTH, **kwargs):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"Content-Type": "application/json", **headers},
+                      timeout=kwargs.pop("timeout", 120), **kwargs)
+
+
+def offline_score(tmp_path, rows, **options):
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    endokern.run(Settings(command="score", model=FIXTURE, input=[str(src)], output=str(out), progress=False,
+                          max_length=MAX_LENGTH, **options))
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    errors_path = tmp_path / "scores.errors.jsonl"
+    errors = [json.loads(line) for line in errors_path.read_text().splitlines()] if errors_path.exists() else []
+    return scored, errors
+
+
+def assert_close(served, offline):
+    assert served["id"] == offline["id"] and served["num_tokens"] == offline["num_tokens"]
+    for name in ("reward", "reward_mean", "logprob"):
+        assert math.isclose(served[name], offline[name], rel_tol=RTOL, abs_tol=RTOL), (name, served, offline)
+
+
+def test_concurrent_clients_equal_offline_score(server, tmp_path, rng):
+    rows = good_rows(rng, 64)
+    bad = {3: {"prompt": "x"}, 17: {"id": "long", "prompt": "the " * 80, "response": " cat"}, 40: 7,
+           51: {"prompt": "x", "response": ""}}
+    for i, row in bad.items():
+        rows.insert(i, row)
+    offline, errors = offline_score(tmp_path, rows)
+    by_index = {e["row"]: e["reason"] for e in errors}
+    assert sorted(by_index) == sorted(bad)
+    expected = iter(offline)
+    expected = [None if i in by_index else next(expected) for i in range(len(rows))]
+
+    # 17 clients at once, 4 rows each; a row's id defaults to its index in its request, so give every row one
+    requests = [list(range(i, min(i + 4, len(rows)))) for i in range(0, len(rows), 4)]
+    answers = [None] * len(requests)
+
+    def client(k):
+        body = {"rows": [rows[i] if not isinstance(rows[i], dict) or "id" in rows[i] else {**rows[i], "id": i}
+                         for i in requests[k]]}
+        answers[k] = post(server.url, "/score", body)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, idx in enumerate(requests):
+        assert answers[k].status_code == 200, answers[k].text
+        results = answers[k].json()["results"]
+        assert len(results) == len(idx)
+        for i, result in zip(idx, results):
+            if i in by_index:
+                assert result["error"] == by_index[i] and set(result) == {"id", "error"}
+            else:
+                assert_close(result, expected[i])
+
+
+def test_per_token_and_reward_variant_from_the_same_pass(server, rng):
+    rows = good_rows(rng, 5)
+    gamma = round(rng.uniform(0.3, 0.95), 3)
+    model, tokenizer = fixture_model()
+    for options in ({}, {"gamma": gamma, "terminal": "bootstrap"}, {"reduce": "mean"}):
+        answer = post(server.url, "/score", {"rows": rows, "per_token": True, **options})
+        assert answer.status_code == 200, answer.text
+        rm = EndoRM(model, tokenizer, **options)
+        expected = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows], per_token=True)
+        for got, want in zip(answer.json()["results"], expected):
+            assert math.isclose(got["reward"], want.reward, rel_tol=RTOL, abs_tol=RTOL), (options, got, want)
+            assert len(got["token_rewards"]) == got["num_tokens"] == want.num_tokens
+            for a, b in zip(got["token_logprobs"], want.token_logprobs):
+                assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
+        if not options:  # the server's own options: per-token rewards as offline
+            for got, want in zip(answer.json()["results"], expected):
+                for a, b in zip(got["token_rewards"], want.token_rewards):
+                    assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
+
+
+def test_get_reward_openrlhf_layout(server, rng):
+    rows = good_rows(rng, 6)
+    prompts = [r["prompt"] for r in rows]
+    queries = [r["prompt"] + r["response"] for r in rows]
+    answer = post(server.url, "/get_reward", {"query": queries, "prompts": prompts, "labels": [""] * len(rows)})
+    assert answer.status_code == 200, answer.text
+    rewards = answer.json()["rewards"]
+    # the same texts through /score give the same rewards (the template here is plain: the fixture has no chat one)
+    scored = post(server.url, "/score", {"rows": rows}).json()["results"]
+    assert rewards == pytest.approx([s["reward"] for s in scored], rel=RTOL, abs=RTOL)
+    # a rendered prompt that starts with the BOS text is not given a second BOS
+    with_bos = post(server.url, "/get_reward", {"query": ["<s>" + q for q in queries], "prompts": ["<s>" + p for p in prompts]})
+    assert with_bos.json()["rewards"] == pytest.approx(rewards, rel=RTOL, abs=RTOL)
+    broken = post(server.url, "/get_reward", {"query": [queries[0], "something else"], "prompts": prompts[:2]})
+    assert broken.status_code == 422
+    assert broken.json()["detail"]["errors"] == [{"index": 1, "error": "the query does not start with its prompt"}]
+    empty_response = post(server.url, "/get_reward", {"query": [prompts[0]], "prompts": [prompts[0]]})
+    assert empty_response.status_code == 422 and "empty field 'response'" in empty_response.text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b'{"rows": [', 400, "malformed JSON"),
+    (b"\xff\xfe", 400, "malformed JSON"),
+    ([1, 2], 422, "JSON object"),
+    ({"row": []}, 422, "unknown field"),
+    ({"rows": {"prompt": "a"}}, 422, "'rows' must be a list"),
+    ({"rows": [], "per_token": "yes"}, 422, "per_token"),
+    ({"rows": [], "gamma": "high"}, 422, "gamma"),
+    ({"rows": [], "terminal": "end"}, 422, "terminal"),
+    ({"query": "a b", "prompts": ["a"]}, 422, "'query' must be a list"),
+    ({"query": ["a b"], "prompts": ["a", "b"]}, 422, "1 queries but 2 prompts"),
+])
+def test_bad_requests_name_the_problem(server, body, status, words):
+    path = "/get_reward" if isinstance(body, dict) and "query" in body else "/score"
+    answer = post(server.url, path, body)
+    assert answer.status_code == status and words in answer.text, answer.text
+
+
+def test_body_size_limit(server, rng):
+    rows = good_rows(rng, 1)
+    rows[0]["padding"] = "x" * 70000
+    answer = post(server.url, "/score", {"rows": rows})
+    assert answer.status_code == 413 and "--max-body-bytes" in answer.text
+    # without a Content-Length (chunked), the limit holds while reading
+    chunks = iter([json.dumps({"rows": rows}).encode()])
+    answer = httpx.post(server.url + "/score", content=chunks, headers=AUTH, timeout=60)
+    assert answer.status_code == 413
+
+
+def test_access_needs_the_key_but_health(server, rng):
+    body = {"rows": good_rows(rng, 1)}
+    assert post(server.url, "/score", body, headers={}).status_code == 401
+    wrong = post(server.url, "/score", body, headers={"Authorization": f"Bearer {KEY}x"})
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    assert post(server.url, "/score", body, headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+    assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+    assert post(server.url, "/score", body).status_code == 200
+
+
+def test_metrics_count_requests_rows_and_errors(server, rng):
+    def read():
+        text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=30).text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = read()
+    n = rng.randint(2, 6)
+    post(server.url, "/score", {"rows": good_rows(rng, n) + [{"prompt": "x"}]})
+    post(server.url, "/score", b"{")
+    after = read()
+    assert after["endokern_rows_total"] - before["endokern_rows_total"] == n + 1
+    assert after["endokern_row_errors_total"] - before["endokern_row_errors_total"] == 1
+    key = 'endokern_requests_total{path="/score",code="400"}'
+    assert after[key] - before.get(key, 0) == 1
+    assert after["endokern_tokens_total"] > before["endokern_tokens_total"]
+    assert after["endokern_request_duration_seconds_count"] >= before["endokern_request_duration_seconds_count"] + 2
+    assert after["endokern_queue_tokens"] == 0
+
+
+def test_a_client_that_goes_away_does_not_stall_the_others(server, rng):
+    rows = good_rows(rng, 3)
+    with pytest.raises(httpx.TimeoutException):
+        post(server.url, "/score", {"rows": good_rows(rng, 40)}, timeout=0.001)
+    answer = post(server.url, "/score", {"rows": rows})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 3
+    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def encoded_length(rows):
+    model, tokenizer = fixture_model()
+    encoder = EndoRM(model, tokenizer, verify_head=False).encoder("auto")
+    return sum(e.length for e in encoder.encode([TextExample(r["prompt"], r["response"]) for r in rows]))
+
+
+def wait_queued(srv, condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(srv.url + "/health", timeout=30).json()
+        if condition(health):
+            return health
+        time.sleep(0.02)
+    raise AssertionError("the server's queue never reached the expected state")
+
+
+def test_full_queue_answers_503_then_recovers(rng):
+    # The oldest request waits (up to 60 s) for company until a step's worth of tokens is queued: the queue can be
+    # filled on purpose, then a filler that reaches the step releases it.
+    queue, step = 400, 380
+    srv = Server("--max-queue-tokens", queue, "--step-tokens", step, "--max-wait-ms", 60000)
+    try:
+        first = good_rows(rng, 8)
+        a = encoded_length(first)
+        assert a < step
+        results = {}
+        thread = threading.Thread(target=lambda: results.setdefault("first", post(srv.url, "/score", {"rows": first})))
+        thread.start()
+        wait_queued(srv, lambda h: h["queue_tokens"] == a)
+        over = []
+        while encoded_length(over) <= queue - a:
+            over += good_rows(rng, 1)
+        full = post(srv.url, "/score", {"rows": over})
+        assert full.status_code == 503 and full.headers["Retry-After"] == "1" and "queue is full" in full.text
+        huge = post(srv.url, "/score", {"rows": good_rows(rng, 200)})
+        assert huge.status_code == 413 and "--max-queue-tokens" in huge.text
+        filler = []
+        while encoded_length(filler) < step - a:
+            filler.append({"prompt": "a", "response": " " + rng.choice(WORDS)})
+        assert a + encoded_length(filler) <= queue
+        assert post(srv.url, "/score", {"rows": filler}).status_code == 200
+        thread.join(60)
+        assert results["first"].status_code == 200 and len(results["first"].json()["results"]) == len(first)
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path, rng):
+    srv = Server("--max-wait-ms", 3000)  # requests wait in the queue long enough to be in flight at SIGTERM
+    rows = [good_rows(rng, 3) for _ in range(4)]
+    answers = [None] * len(rows)
+    try:
+        threads = [threading.Thread(target=lambda k=k: answers.__setitem__(k, post(srv.url, "/score", {"rows": rows[k]},
+                                                                                  headers={})))
+                   for k in range(len(rows))]
+        for t in threads:
+            t.start()
+        wait_queued(srv, lambda h: h["queue_requests"] == len(rows))
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert srv.proc.wait(60) == 0, "".join(srv.log)
+    finally:
+        srv.stop()
+    flat = [r for request in rows for r in request]
+    offline, _ = offline_score(tmp_path, flat)
+    served = [r for answer in answers for r in answer.json()["results"]]
+    assert all(a.status_code == 200 for a in answers)
+    for got, want in zip(served, offline):
+        assert_close(got, want)
+    assert "stopped" in "".join(srv.log)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/health", timeout=5)
+
+
+class RecordingModel:
+    """A stand-in for EndoRM.score_encoded: records each call's examples; reward = the example's length."""
+
+    def __init__(self, fail=False):
+        self.calls = []
+        self.fail = fail
+
+    def score_encoded(self, encoded, per_token=False):
+        self.calls.append([e.length for e in encoded])
+        if self.fail:
+            raise RuntimeError("the model failed")
+        return [ScoreResult(e.length, 0.0, e.length, 0.0, len(e.response_ids)) for e in encoded]
+
+
+def test_batcher_merges_requests_up_to_the_step(rng):
+    model = RecordingModel()
+    requests = [[Encoded([1] * rng.randint(1, 9), [2] * rng.randint(1, 9)) for _ in range(4)] for _ in range(16)]
+    total = sum(e.length for r in requests for e in r)
+    # The oldest request waits for company until the step's tokens are queued: all 16 requests run as one call.
+    batcher = Batcher(model, max_wait_s=120, step_tokens=total, max_queue_tokens=total)
+    done = threading.Semaphore(0)
+    results = [None] * len(requests)
+
+    def deliver(k):
+        def f(res, err):
+            results[k] = (res, err)
+            done.release()
+        return f
+
+    for k, r in enumerate(requests):
+        assert batcher.submit(r, False, deliver(k)) is not None
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    assert model.calls == [[e.length for r in requests for e in r]]
+    for r, (res, err) in zip(requests, results):
+        assert err is None and [x.reward for x in res] == [e.length for e in r]
+    # past the queue's limit: refused, nothing queued
+    assert batcher.submit([Encoded([1] * total, [2])], False, deliver(0)) is None
+    assert batcher.queued_tokens == 0 and batcher.queued_requests == 0
+    batcher.close()
+
+    # A step holds whole requests up to step_tokens; a cancelled request is dropped; a failure reaches every request
+    model = RecordingModel()
+    sizes = [rng.randint(5, 20) for _ in range(12)]
+    step = max(sizes) + rng.randint(0, 30)
+    batcher = Batcher(model, max_wait_s=0, step_tokens=step, max_queue_tokens=10**6)
+    with batcher._cond:  # hold the scorer while queueing, so the steps are decided by the sizes alone
+        items = [batcher.submit([Encoded([1], [2] * (s - 1))], False, deliver(0)) for s in sizes]
+        items[5].cancelled = True
+    for _ in range(len(sizes) - 1):
+        assert done.acquire(timeout=60)
+    batcher.close()
+    kept = [s for i, s in enumerate(sizes) if i != 5]
+    assert [s for call in model.calls for s in call] == kept
+    assert all(sum(call) <= step for call in model.calls)
+    for a, b in zip(model.calls, model.calls[1:]):  # greedy: the next request did not fit
+        assert sum(a) + b[0] > step
+
+    failing = Batcher(RecordingModel(fail=True), max_wait_s=0, step_tokens=100, max_queue_tokens=100)
+    errors = []
+    failing.submit([Encoded([1], [2])], False, lambda res, err: (errors.append(err), done.release()))
+    assert done.acquire(timeout=60)
+    failing.close()
+    assert isinstance(errors[0], RuntimeError) and "the model failed" in str(errors[0])

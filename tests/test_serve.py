@@ -155,7 +155,7 @@ def test_get_reward_openrlhf_layout(server, rng):
     assert broken.status_code == 422
     assert broken.json()["detail"]["errors"] == [{"index": 1, "error": "the query does not start with its prompt"}]
     empty_response = post(server.url, "/get_reward", {"query": [prompts[0]], "prompts": [prompts[0]]})
-    assert empty_response.status_code == 422 and "empty field 'response'" in empty_response.text
+    assert empty_response.status_code == 422 and "empty response: under the plain" in empty_response.text
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -119,7 +119,7 @@ def _model_settings(args: argparse.Namespace) -> Settings:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Token by token: which tokens of a response earn or lose reward (terminal colours and/or an HTML page)."""
     from .explain import explain, read_row, render_html, render_terminal, row_examples
-    from .formats import RowError, row_id
+    from .formats import RowError, map_fields, parse_fields, row_id
     from .model import EndoRM
     from .tokenization import EncodeError, TextExample, resolve_template
 
@@ -129,7 +129,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SettingsError("explain: give either --prompt/--response or --input/--row, not both")
     settings = _model_settings(args)
     try:
+        mapping = parse_fields(args.fields) if args.fields else None
         row = read_row(args.input, args.row) if args.input is not None else None
+        row = map_fields(row, mapping) if (row is not None and mapping) else row
     except (ValueError, OSError) as err:
         raise SettingsError(f"explain: {err}") from None
     rm = EndoRM.from_settings(settings)
@@ -172,6 +174,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         variants = parse_variants(args.variants)
         suites = evaluation.resolve_suites(args.suite, args.data)
+        if args.fields:
+            from .formats import parse_fields
+
+            parse_fields(args.fields)
     except (ValueError, FileNotFoundError) as err:
         raise SettingsError(f"eval: {err}") from None
     if args.max_rows is not None and args.max_rows < 1:
@@ -185,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rm, suites, variants, args.output, model=settings.model, template=template, system=settings.system,
         data=args.data, max_rows=args.max_rows, seed=args.seed, bootstrap=args.bootstrap,
         max_length=settings.max_length, chunk_rows=settings.chunk_rows, packing=settings.packing,
-        overwrite=args.overwrite, progress=settings.progress, plot=args.plot, log=_stderr,
+        overwrite=args.overwrite, progress=settings.progress, plot=args.plot, fields=args.fields, log=_stderr,
     )
     print(markdown)
     _stderr(f"endokern eval: report in {os.path.join(args.output, 'report.md')} and "
@@ -232,6 +238,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+FIELDS_HELP = ("map the input's columns onto endokern's names: NAME=COLUMN[,NAME=COLUMN...] (a dotted COLUMN reads "
+               "a nested field)")
+
+
 def _doc(command) -> str:
     """A command's docstring as argparse help (which %-formats it)."""
     return " ".join((command.__doc__ or "").split()).replace("%", "%%")
@@ -275,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--input", help="a file any command reads (JSONL, JSON, Parquet): explain one row of it")
     expl.add_argument("--row", type=int, default=0,
                       help="which row of --input (0-based; a score, rank or preference row)")
+    expl.add_argument("--fields", default=None, metavar="NAME=COLUMN,...", help=FIELDS_HELP)
     expl.add_argument("--html", metavar="PATH", help="write a self-contained HTML page here")
     expl.add_argument("--color", default="auto", choices=("auto", "always", "never"),
                       help="ANSI colours on standard output (auto: when it is a terminal)")
@@ -307,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
                     help="fail (exit 1) when more than this fraction of a suite's rows are errors (a suite with no "
                          "scorable row always fails)")
+    ev.add_argument("--fields", default=None, metavar="NAME=COLUMN,...", help=FIELDS_HELP)
     Settings.add_arguments(ev, ("model",))
     ev.set_defaults(func=cmd_eval)
     return parser

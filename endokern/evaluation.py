@@ -121,16 +121,17 @@ def resolve_suites(names: Sequence[str], data: Optional[str] = None) -> List[Tup
     return out
 
 
-def sample_rows(suite: Suite, paths: Sequence[str], max_rows: Optional[int], seed: int):
+def sample_rows(suite: Suite, paths: Sequence[str], max_rows: Optional[int], seed: int,
+                fields: Optional[Dict[str, str]] = None):
     """The suite's rows (each with ``id`` and ``subset``) and its unreadable rows; with ``max_rows``, a random
-    sample of that many rows (seeded, in file order)."""
+    sample of that many rows (seeded, in file order). ``fields`` (``--fields``) maps columns onto endokern's names."""
     rows, bad = [], []
     for path in paths:
         for item in read_rows(path):
             if item.error is not None:
                 bad.append({"row": len(rows) + len(bad), "reason": item.error})
                 continue
-            row = dict(item.row)
+            row = formats.map_fields(dict(item.row), fields) if fields else dict(item.row)
             row.setdefault("id", len(rows) + len(bad))
             if row.get("subset") is None:
                 row["subset"] = suite.name
@@ -225,6 +226,7 @@ def run_eval(
     overwrite: bool = False,
     run_key: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    fields: Optional[str] = None,
     log=print,
 ) -> List[PassResult]:
     """Every pass of every suite, each resumable; returns where their rows and stats are."""
@@ -236,7 +238,7 @@ def run_eval(
         passes.append(("judge", JudgeTask(template)))
     results: List[PassResult] = []
     for suite, paths in suites:
-        rows, bad = sample_rows(suite, paths, max_rows, seed)
+        rows, bad = sample_rows(suite, paths, max_rows, seed, formats.parse_fields(fields) if fields else None)
         inputs = os.path.join(output_dir, "inputs", f"{suite.name}.jsonl")
         os.makedirs(os.path.dirname(inputs), exist_ok=True)
         write_rows(inputs, rows)
@@ -540,6 +542,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     plot: bool = False,
+    fields: Optional[str] = None,
     log=print,
 ) -> Tuple[Dict[str, Any], str]:
     """``endokern eval`` from Python: every pass (:func:`run_eval`), the report (:func:`build_report`) written as
@@ -556,9 +559,11 @@ def evaluate(
     }
     key = {k: settings[k] for k in ("model", "template", "system", "alpha", "dtype", "backend", "batch_tokens")}
     key.update(max_length=max_length, chunk_rows=chunk_rows, packing=packing)
+    if fields:  # only when given, so earlier runs' keys still match
+        key["fields"] = fields
     passes = run_eval(rm, suites, variants, output_dir, template=template, system=system, max_rows=max_rows,
                       seed=seed, max_length=max_length, chunk_rows=chunk_rows, overwrite=overwrite, run_key=key,
-                      progress=progress, log=log)
+                      progress=progress, fields=fields, log=log)
     report = build_report(passes, variants, resamples=bootstrap, seed=seed, settings=settings)
     json_path, md_path = os.path.join(output_dir, "report.json"), os.path.join(output_dir, "report.md")
     with open(json_path, "w") as f:

@@ -220,3 +220,19 @@ def test_length_preference(rng):
     cells = [(r["num_tokens"][i], r["num_tokens"][3 + j]) for r in rows for i in range(3) for j in range(3)]
     assert stats["chosen_tokens"] == pytest.approx(sum(c for c, _ in cells) / 180)
     assert stats["chosen_shorter"] == pytest.approx(sum(c < r for c, r in cells) / 180)
+
+
+def test_eval_reads_renamed_columns_through_fields(tmp_path, rng):
+    rows = [(sentence(rng), " " + sentence(rng), " " + sentence(rng)) for _ in range(rng.randint(4, 8))]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+    renamed = write_jsonl(tmp_path / "renamed.jsonl",
+                          [{"q": p, "answers": {"good": c, "bad": r}} for p, c, r in rows])
+    run_cli("eval", "--suite", plain, "--output", tmp_path / "e1", "--template", "plain", "--variants", "paper")
+    run_cli("eval", "--suite", renamed, "--output", tmp_path / "e2", "--template", "plain", "--variants", "paper",
+            "--fields", "prompt=q,chosen=answers.good,rejected=answers.bad")
+    first = json.loads((tmp_path / "e1" / "report.json").read_text())["suites"]["plain"]["variants"]["paper"]
+    second = json.loads((tmp_path / "e2" / "report.json").read_text())["suites"]["renamed"]["variants"]["paper"]
+    assert second["rows"] == first["rows"] == len(rows) and second["accuracy"] == first["accuracy"]
+    unnamed = lambda rows: [{k: v for k, v in r.items() if k != "subset"} for r in rows]  # noqa: E731 (file stems)
+    assert unnamed(read_jsonl(tmp_path / "e2" / "renamed.variants.jsonl")) == unnamed(
+        read_jsonl(tmp_path / "e1" / "plain.variants.jsonl"))

@@ -365,3 +365,19 @@ def test_one_row_of_a_file_from_python(tmp_path):
     for index, says in ((4, "bad JSON"), (5, "no row 5"), (-1, ">= 0")):
         with pytest.raises(ValueError, match=says):
             read_row(str(src), index)
+
+
+def test_explain_a_row_through_fields(tmp_path, capsys):
+    """--fields maps a row's columns as the file commands do: the page equals that of the plain layout."""
+    src = tmp_path / "judged.jsonl"
+    src.write_text(json.dumps({"question": PROMPT, "response_A": RESPONSES[0], "response_B": RESPONSES[1],
+                               "label": "B>A"}) + "\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": PROMPT, "chosen": RESPONSES[1], "rejected": RESPONSES[0]}) + "\n")
+    assert run_cli("explain", "--input", plain, "--row", 0) == 0
+    want = capsys.readouterr().out
+    assert run_cli("explain", "--input", src, "--row", 0,
+                   "--fields", "prompt=question,response_a=response_A,response_b=response_B") == 0
+    assert capsys.readouterr().out == want
+    with pytest.raises(SystemExit, match="unknown name"):
+        run_cli("explain", "--input", src, "--row", 0, "--fields", "question=prompt")

@@ -1,10 +1,11 @@
-"""Encoded examples -> forward batches (SPEC section 3's throughput rules); no model needed.
+"""Encoded examples -> forward batches (length-sorted, filled to a token budget, packed where the attention
+allows); no model needed.
 
 Examples are grouped into *units*, one line of a batch each: a prompt once, then the responses that share it, each
 seeing only the prompt and itself through a tree attention mask (a unit of one response is an ordinary sequence).
 Units are sorted longest first and filled into batches of ``batch_tokens`` tokens: padded lines (``B x L``, padding
 counted) or one packed line (the sum of the lengths). For each batch :func:`collate` lays out the token ids and
-positions and finds the rows of SPEC section 1 with :func:`endokern.reward.span_rows`.
+positions and finds the response rows of the reward with :func:`endokern.reward.span_rows`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, L] padded lines, or [1, S] packed
     position_ids: torch.Tensor
     attention_mask: Optional[torch.Tensor]  # [B, 1, L, L] tree mask when a line shares a prompt, else None
-    row_index: torch.Tensor  # [R] rows of the flattened hidden states: H + 1 per example (SPEC section 1)
+    row_index: torch.Tensor  # [R] rows of the flattened hidden states: H + 1 per example (the response rows)
     row_targets: torch.Tensor  # [R] next token, or IGNORE_INDEX on each example's last row
     cu_rows: torch.Tensor  # [B' + 1] where each example's rows begin
     forward_tokens: int  # tokens the model runs, a shared prompt once, padding not counted
@@ -80,7 +81,7 @@ def batches(encoded: Sequence[Encoded], *, batch_tokens: int, packing: bool, sha
 
 
 def collate(lines: List[Unit], encoded: Sequence[Encoded], packing: bool) -> Batch:
-    """Lay the lines out (padded rows of width L, or one packed row) and find the rows of SPEC section 1:
+    """Lay the lines out (padded rows of width L, or one packed row) and find the response rows of the reward:
     for each example the prompt's last position, then its response positions (the last has no target)."""
     width = sum(u.length for u in lines) if packing else max(u.length for u in lines)
     height = 1 if packing else len(lines)

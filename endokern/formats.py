@@ -1,4 +1,4 @@
-"""Input rows to examples, and results back to output rows, for each command (SPEC section 4).
+"""Input rows to examples, and results back to output rows, for each command.
 
 A row that cannot be used raises :class:`RowError` with the reason; the run reports it and goes on.
 

@@ -1,7 +1,7 @@
-"""EndoRM: any Hugging Face causal LM as a reward model (SPEC section 3).
+"""EndoRM: any Hugging Face causal LM as a reward model.
 
 The data flows one way: examples -> token ids (:mod:`endokern.tokenization`) -> batches sorted by length
-and filled to a token budget -> the backbone's final hidden states -> only the response rows of SPEC
+and filled to a token budget -> the backbone's final hidden states -> only the response rows of the reward
 section 1 (``H + 1`` per example) -> one :func:`endokern.soft_values` call per batch (the LM head is never
 applied to prompt rows, and no ``N x V`` logits exist) -> :func:`endokern.reward.sequence_rewards` ->
 results in input order.
@@ -69,9 +69,9 @@ class LMHead:
 
 
 class EndoRM:
-    """Score (prompt, response) pairs with a causal LM's endogenous reward (see SPEC sections 1 and 3).
+    """Score (prompt, response) pairs with a causal LM's endogenous reward (the quantities of endokern/reward.py).
 
-    Options: ``alpha``, ``gamma``, ``terminal``, ``reduce`` (SPEC section 1, checked by
+    Options: ``alpha``, ``gamma``, ``terminal``, ``reduce`` (the reward's options, checked by
     :func:`endokern.settings.check_reward`), ``backend`` (of ``soft_values``), ``packing`` and ``share_prompts``
     (``"auto"``, True or False: padding-free batches, one forward per shared prompt), ``batch_tokens`` (tokens per
     forward batch), ``verify_head`` (the load-time probe of the LM head).
@@ -216,7 +216,7 @@ class EndoRM:
         progress: bool = False,
     ) -> List[ScoreResult]:
         """Score texts: ``prompts`` with ``responses`` (equal lengths), or ``messages`` conversations whose last
-        turn is the assistant's response. Tokenized as SPEC section 3 says (``template``: auto, plain, chat)."""
+        turn is the assistant's response. Tokenized by endokern/tokenization.py (``template``: auto, plain, chat)."""
         if messages is not None:
             if prompts is not None or responses is not None:
                 raise ValueError("give either messages or prompts and responses, not both")

@@ -1,4 +1,4 @@
-"""The endogenous reward of SPEC section 1, from the kernel's per-row soft values and target logits.
+"""The endogenous reward (arXiv 2506.23235), from the kernel's per-row soft values and target logits.
 
 One sequence is token ids ``x_1 .. x_T``: a prompt of ``p >= 1`` tokens, then ``H = T - p >= 1`` response
 tokens. Its response rows are the hidden states at positions ``p .. T`` (1-based), ``H + 1`` rows: row

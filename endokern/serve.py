@@ -1,4 +1,4 @@
-"""``endokern serve``: one :class:`endokern.EndoRM` behind HTTP, for RL loops (SPEC section 4b).
+"""``endokern serve``: one :class:`endokern.EndoRM` behind HTTP, for RL loops.
 
 Endpoints:
 

@@ -1,4 +1,4 @@
-"""The options of a run, once: defaults, validation, command-line arguments and the run key (SPEC section 4).
+"""The options of a run, once: defaults, validation, command-line arguments and the run key.
 
 :class:`Settings` is the one place an option lives (as vLLM's ``EngineArgs``): :class:`endokern.EndoRM` takes its
 model and reward fields (:meth:`Settings.model_kwargs`), :func:`endokern.runs.run` and the Ray engine take the whole

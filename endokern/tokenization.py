@@ -1,4 +1,4 @@
-"""Text to token ids with the response span, as SPEC section 3 defines it.
+"""Text to token ids with the response span, as the README's 'Scoring from Python' defines it.
 
 ``plain``: prompt ids = ``tokenizer(prompt)`` with the tokenizer's own special tokens (a BOS where it adds
 one), response ids = ``tokenizer(response, add_special_tokens=False)``, no EOS unless ``append_eos``.

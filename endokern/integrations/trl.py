@@ -1,4 +1,4 @@
-"""The endogenous reward as a reward function for TRL's ``GRPOTrainer`` and ``RLOOTrainer`` (SPEC section 4b).
+"""The endogenous reward as a reward function for TRL's ``GRPOTrainer`` and ``RLOOTrainer``.
 
 TRL calls a reward function as ``f(prompts=..., completions=..., completion_ids=..., **columns) -> list[float]``,
 with strings (standard format) or lists of ``{role, content}`` messages (conversational format: the completion is
@@ -39,7 +39,7 @@ class EndogenousReward:
     ``timeout`` seconds per request, ``retries`` more tries on connection errors and 502/503/504, waiting
     ``Retry-After`` or ``backoff * 2**try`` seconds). ``template``, ``system``, ``append_eos``, ``max_length``: the
     text options of ``endokern score`` (local only; a server has its own). ``gamma``, ``terminal``, ``reduce``: a
-    reward variant (SPEC section 1) instead of the model's own options, from the same forward pass. ``name``: the
+    reward variant (endokern/reward.py) instead of the model's own options, from the same forward pass. ``name``: the
     ``__name__`` TRL shows in its logs.
     """
 

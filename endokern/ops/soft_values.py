@@ -1,7 +1,7 @@
 """The front door of the fused kernel: validate once, dispatch to a backend.
 
 For hidden rows ``h_i`` and an LM head ``W`` (optional bias ``b``, optional final softcap ``c``), the
-logits are ``z_i = W h_i + b`` then ``z_i <- c * tanh(z_i / c)``, and for each row (SPEC section 2):
+logits are ``z_i = W h_i + b`` then ``z_i <- c * tanh(z_i / c)``, and for each row:
 
 - ``value[i]        = alpha * logsumexp(z_i / alpha)`` over the whole vocabulary (the soft value V),
 - ``target_logit[i] = z_i[targets[i]]`` (NaN where the row has no target),

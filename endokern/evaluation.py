@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import formats
-from .io import RunWriter, file_stem, read_rows, write_rows
+from .io import RunLock, RunWriter, file_stem, read_rows, write_rows
 from .pipeline import CompareTask, RunStats, stream
 from .settings import Settings
 from .tokenization import Encoded, TextExample
@@ -561,18 +561,20 @@ def evaluate(
     key.update(max_length=max_length, chunk_rows=chunk_rows, packing=packing)
     if fields:  # only when given, so earlier runs' keys still match
         key["fields"] = fields
-    passes = run_eval(rm, suites, variants, output_dir, template=template, system=system, max_rows=max_rows,
-                      seed=seed, max_length=max_length, chunk_rows=chunk_rows, overwrite=overwrite, run_key=key,
-                      progress=progress, fields=fields, log=log)
-    report = build_report(passes, variants, resamples=bootstrap, seed=seed, settings=settings)
-    json_path, md_path = os.path.join(output_dir, "report.json"), os.path.join(output_dir, "report.md")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    title = f"# endokern eval: {model}\n\n" + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n\n"
-    markdown = title + report_markdown(report)
-    with open(md_path, "w") as f:
-        f.write(markdown)
+    # One eval at a time per folder: its passes resume from their checkpoints, and two would write each row twice.
+    with RunLock(os.path.join(output_dir, ".lock"), holder=f"endokern eval {output_dir}"):
+        passes = run_eval(rm, suites, variants, output_dir, template=template, system=system, max_rows=max_rows,
+                          seed=seed, max_length=max_length, chunk_rows=chunk_rows, overwrite=overwrite, run_key=key,
+                          progress=progress, fields=fields, log=log)
+        report = build_report(passes, variants, resamples=bootstrap, seed=seed, settings=settings)
+        json_path, md_path = os.path.join(output_dir, "report.json"), os.path.join(output_dir, "report.md")
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        title = f"# endokern eval: {model}\n\n" + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n\n"
+        markdown = title + report_markdown(report)
+        with open(md_path, "w") as f:
+            f.write(markdown)
     if plot:
         for path in plot_margins(passes, variants, output_dir):
             log(f"endokern eval: wrote {path}")

@@ -236,3 +236,18 @@ def test_eval_reads_renamed_columns_through_fields(tmp_path, rng):
     unnamed = lambda rows: [{k: v for k, v in r.items() if k != "subset"} for r in rows]  # noqa: E731 (file stems)
     assert unnamed(read_jsonl(tmp_path / "e2" / "renamed.variants.jsonl")) == unnamed(
         read_jsonl(tmp_path / "e1" / "plain.variants.jsonl"))
+
+
+def test_a_second_eval_on_the_same_folder_is_refused_while_the_first_runs(tmp_path, rng):
+    from endokern.io import RunLock
+
+    rows = [{"prompt": sentence(rng), "chosen": " " + sentence(rng), "rejected": " " + sentence(rng)} for _ in range(3)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "eval"
+    with RunLock(str(out / ".lock"), holder="a running eval"):  # what the first eval holds while it runs
+        with pytest.raises(SystemExit) as refused:
+            run_cli("eval", "--suite", path, "--output", out, "--template", "plain", "--variants", "paper")
+        assert refused.value.code == 1 and "a running eval" in str(refused.value)
+        assert not (out / "report.json").exists()
+    run_cli("eval", "--suite", path, "--output", out, "--template", "plain", "--variants", "paper")
+    assert (out / "report.json").exists() and not (out / ".lock").exists()

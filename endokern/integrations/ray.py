@@ -65,7 +65,7 @@ from ..io import Chunk, FilePlan, InputRow, plan_inputs
 from ..model import EndoRM, progress_bar
 from ..parts import STATE_DIR, PartsWriter
 from ..pipeline import RunStats, make_task, process_chunk
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 
 __all__ = ["Scorer", "connect", "execute"]
 
@@ -337,8 +337,12 @@ def execute(settings: Settings, files: Dict[str, str], *, keep_scored: bool = Fa
         if not keep_scored:
             streams["rejected"] = files["rejected"]
     chunk_plan, chunks = plan_inputs(settings.input, settings.chunk_rows, settings.limit)
-    writer = PartsWriter(os.path.join(output, STATE_DIR), streams, files["errors"], settings.run_key(),
-                         settings.overwrite, folders)
+    try:  # checked before anything is written, as the local engine checks its checkpoint: a usage error (exit 2)
+        writer = PartsWriter(os.path.join(output, STATE_DIR), streams, files["errors"], settings.run_key(),
+                             settings.overwrite, folders)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:  # other arguments, a folder it did not write
+        raise SettingsError(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror
+                            else str(err)) from None
     done = writer.settle(chunks)
     pending = [c for c in chunks if c.first not in done]
     stats = RunStats(resumed_from=sum(c.rows for c in chunks if c.first in done))

@@ -144,14 +144,16 @@ def test_resume_scores_only_the_missing_chunks_and_refuses_other_arguments(tmp_p
     assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in part_files(out)] + [STATE_DIR])
     run_ray("score", "--input", src, "--output", out, "--chunk-rows", 8)
     assert "already complete" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="alpha"):  # one line, exit 1 (the Ray engine's own check)
+    with pytest.raises(SystemExit, match="alpha") as refused:  # one line, a usage error as on the local engine
         run_ray("score", "--input", src, "--output", out, "--chunk-rows", 8, "--alpha", "2")
+    assert refused.value.code == 2
     assert folder_rows(out) == full  # refused before touching anything (--overwrite: see the filter test)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not mine")
-    with pytest.raises(SystemExit, match="other files than endokern"):
+    with pytest.raises(SystemExit, match="other files than endokern") as refused:
         run_ray("score", "--input", src, "--output", foreign)
+    assert refused.value.code == 2
     for bad in (("--output", tmp_path / "o.jsonl"), ("--output", "-"), ("--num-shards", 2)):
         with pytest.raises(SystemExit):
             run_ray("score", "--input", src, "--output", tmp_path / "o2", *bad)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from model_utils import FIXTURE, assert_close_to_oracle, fixture_model, oracle
 
 from endokern import EndoRM
@@ -124,6 +125,23 @@ def test_a_render_that_does_not_start_with_the_prompt_render_is_an_error(tmp_pat
     )
     (out,) = Encoder(tok, "chat").encode([TextExample("Hi", "Hello")])
     assert isinstance(out, EncodeError) and "does not start with the render of the prompt" in str(out)
+
+
+def test_a_whitespace_only_response_that_the_template_drops_says_so(gen):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURE)
+    # Templates that skip empty turns are common: a whitespace-only answer then vanishes from the render.
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['content'].strip() %}{{ m['role'] }}: {{ m['content'] }}{{ '\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    blank = "".join(" \n\t"[int(i)] for i in torch.randint(0, 3, (int(torch.randint(1, 6, (1,), generator=gen)),),
+                                                              generator=gen))
+    blank_out, real = Encoder(tok, "chat").encode([TextExample("Hi", blank), TextExample("Hi", "Hello")])
+    assert isinstance(blank_out, EncodeError) and "whitespace-only response" in str(blank_out)
+    assert repr(blank) in str(blank_out)
+    assert isinstance(real, Encoded)  # the same template scores a real answer
 
 
 def test_chat_without_a_template_is_refused():

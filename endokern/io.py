@@ -976,6 +976,7 @@ class FilePlan:
     rows: int  # rows of the file (before --limit)
     seeks: Optional[List[int]] = None  # plain JSON Lines: byte offset where each chunk of the file starts
     bytes_per_row: Optional[float] = None  # plain JSON Lines and Parquet (uncompressed): to size read tasks
+    damage: Optional[str] = None  # a damaged gzip file: why reading stopped after its ``rows`` complete rows
 
 
 @dataclass(frozen=True)
@@ -1004,9 +1005,9 @@ def plan_inputs(paths: Sequence[str], chunk_rows: int,
             raise ValueError("a planned run reads files, not standard input")
         if limit is not None and offset >= limit:
             break  # a streaming run never reads past --limit either
-        kind, rows, seeks, size = _scan(path, chunk_rows, None if limit is None else limit - offset)
+        kind, rows, seeks, size, damage = _scan(path, chunk_rows, None if limit is None else limit - offset)
         plan = FilePlan(path, kind, file_stem(path) if len(paths) > 1 else None, offset, rows, seeks,
-                        size / rows if size is not None and rows else None)
+                        size / rows if size is not None and rows else None, damage)
         files.append(plan)
         for local in range(0, rows, chunk_rows):
             first = offset + local
@@ -1020,38 +1021,33 @@ def plan_inputs(paths: Sequence[str], chunk_rows: int,
     return files, chunks
 
 
-def _scan(path: str, chunk_rows: int, max_rows: Optional[int] = None) -> Tuple[str, int, Optional[List[int]], Any]:
-    """(kind, rows, chunk byte offsets, bytes of those rows) of one input (JSON Lines: at most ``max_rows``)."""
+def _scan(path: str, chunk_rows: int, max_rows: Optional[int] = None) -> Tuple[str, int, Optional[List[int]], Any,
+                                                                         Optional[str]]:
+    """(kind, rows, chunk byte offsets, bytes of those rows, damage) of one input (JSON Lines: at most ``max_rows``).
+    A damaged gzip file counts its complete rows and says, as :func:`read_rows` does, where and why reading stopped."""
     read_rows(path)  # raises now for a missing file or an unknown extension
     fmt = format_of(path)
     if fmt == "parquet":
         with pq.ParquetFile(path) as pf:
             meta = pf.metadata
             size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-            return "parquet", meta.num_rows, None, size
+            return "parquet", meta.num_rows, None, size, None
     if path.lower().endswith((".json", ".json.gz")) and is_json_array(path, fmt):
-        return "array", sum(1 for _ in read_rows(path)), None, None
-    rows, end, seeks = 0, 0, []
+        return "array", sum(1 for _ in read_rows(path)), None, None, None
+    rows, end, seeks, damage = 0, 0, [], None
     with open_binary(path, fmt) as f:
         lines = _whole_lines(f, path) if fmt == "gz" else f
-        for index, start, line in _planned_lines(lines, path):
-            if max_rows is not None and rows >= max_rows:
-                break
-            if rows % chunk_rows == 0:
-                seeks.append(start)
-            rows += 1
-            end = start + len(line)
-    return fmt, rows, (seeks if fmt == "jsonl" else None), (end if fmt == "jsonl" else None)
-
-
-def _planned_lines(lines: Iterable[bytes], path: str) -> Iterator[tuple]:
-    """:func:`numbered_lines` for a planner, which cannot score around damage: a damaged file is a ValueError."""
-    index = -1
-    try:
-        for index, start, line in numbered_lines(lines):
-            yield index, start, line
-    except DamagedInput as err:
-        raise ValueError(f"damaged input: {path}: reading stopped at row {index + 1}: {err}") from None
+        try:
+            for index, start, line in numbered_lines(lines):
+                if max_rows is not None and rows >= max_rows:
+                    break
+                if rows % chunk_rows == 0:
+                    seeks.append(start)
+                rows += 1
+                end = start + len(line)
+        except DamagedInput as err:
+            damage = f"damaged input: {path}: reading stopped at row {rows}: {err}; the rows before it were read"
+    return fmt, rows, (seeks if fmt == "jsonl" else None), (end if fmt == "jsonl" else None), damage
 
 
 def jsonl_rows_from(path: str, pos: int, first_local: int) -> Iterator[InputRow]:

@@ -199,9 +199,10 @@ class PartsWriter:
         self.entries.append(entry)
         return entry
 
-    def write_errors(self, done: Dict[int, dict]) -> int:
-        """The errors file from the journal, in input order (byte for byte what a streaming run writes)."""
-        rows = [e for c in sorted(done) for e in done[c]["errors"]]
+    def write_errors(self, done: Dict[int, dict], extra: Sequence[dict] = ()) -> int:
+        """The errors file from the journal, in input order (byte for byte what a streaming run writes); ``extra``
+        rows (where reading a damaged input stopped) go in at their row numbers."""
+        rows = sorted([e for c in sorted(done) for e in done[c]["errors"]] + list(extra), key=lambda e: e["row"])
         write_rows(self.errors, rows)
         return len(rows)
 

@@ -363,7 +363,12 @@ def execute(settings: Settings, files: Dict[str, str], *, keep_scored: bool = Fa
         if ray_started:
             ray.shutdown()
     stats.errors = sum(len(done[c.first]["errors"]) for c in pending if c.first in done)
-    writer.write_errors(done)
+    # A damaged gzip input: its complete rows were planned and scored; where reading stopped is an error row, and
+    # the run then fails (runs.check_outcome), as the local engine does.
+    damage = [{"row": p.offset + p.rows, "reason": p.damage, "damaged": True} for p in chunk_plan if p.damage]
+    writer.write_errors(done, damage)
+    if damage:
+        stats.extra["damaged"] = damage[0]["reason"]
     stats.seconds = time.perf_counter() - started
     stats.extra["errors_total"] = sum(len(e["errors"]) for e in done.values())
     if stats.resumed_from and stats.rows:

@@ -198,3 +198,26 @@ def test_scorer_in_a_users_pipeline(rng):
     for i in expected:
         assert got[i] == pytest.approx(expected[i], rel=1e-5, abs=1e-5), i
     assert len(set(expected.values())) == len(expected)  # distinct rewards: a swap of two rows cannot pass
+
+
+def test_a_truncated_gzip_input_scores_its_complete_rows_and_fails_as_the_local_engine_does(tmp_path, rng):
+    import gzip
+
+    rows = [{"prompt": sentence(rng, 2, 6), "response": " " + sentence(rng, 2, 6), "pad": "x" * rng.randint(0, 300)}
+            for _ in range(120)]
+    data = gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in rows))
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(data[: rng.randint(len(data) // 4, len(data) * 3 // 4)])
+    with pytest.raises(SystemExit, match="damaged input") as local:
+        run_cli("score", "--input", src, "--output", tmp_path / "local.jsonl", "--chunk-rows", 16)
+    with one_thread(), pytest.raises(SystemExit, match="damaged input") as distributed:
+        run_ray("score", "--input", src, "--output", tmp_path / "ray", "--chunk-rows", 16)
+    assert local.value.code == distributed.value.code == 1
+    complete = read_jsonl(tmp_path / "local.jsonl")
+    assert 0 < len(complete) < len(rows)
+    got = folder_rows(tmp_path / "ray")
+    assert [r["id"] for r in got] == [r["id"] for r in complete] == list(range(len(complete)))
+    for a, b in zip(got, complete):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-5, abs=1e-5)  # batch composition (padding) apart
+    assert read_jsonl(tmp_path / "ray.errors.jsonl") == read_jsonl(tmp_path / "local.errors.jsonl")
+    assert read_jsonl(tmp_path / "ray.errors.jsonl")[-1]["damaged"] is True

@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from contenders import device_name  # noqa: E402
+from contenders import device_name, status_bytes  # noqa: E402
 
 from endokern import EndoRM  # noqa: E402
 from endokern.assets import DEFAULT_MODEL  # noqa: E402
@@ -107,14 +107,6 @@ def naive_logprobs(model, encoded, batch_size: int, device) -> list:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class PeakMemory:

@@ -45,6 +45,12 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device>-kernels.json)")
     args = parser.parse_args(argv)
+    if args.configs:
+        from endokern.ops.triton_backend import GPU_CANDIDATES
+
+        unknown = [c for c in args.configs.split(",") if c not in GPU_CANDIDATES]
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; the candidates are {', '.join(GPU_CANDIDATES)}")
 
     device = torch.device(args.device)
     if device.type == "cpu":

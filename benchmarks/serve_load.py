@@ -33,17 +33,12 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from stream_memory import rss_mb  # noqa: E402  (one reader of a process's resident set)
+
 FIXTURE = HERE.parent / "tests" / "fixtures" / "stories260K"
 WORDS = ("the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was went to a in "
          "on with her his they saw").split()
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def make_rows(n: int, seed: int):

@@ -251,8 +251,11 @@ class Batcher:
                     break
                 self._cond.wait(left)
             taken, tokens = [], 0
-            while self._queue and (not taken or tokens + self._queue[0].tokens <= self.step_tokens):
-                item = self._queue.popleft()
+            while self._queue:
+                item = self._queue[0]
+                if not item.cancelled and taken and tokens + item.tokens > self.step_tokens:
+                    break  # a request its client left is dropped first, so it never decides what fits
+                self._queue.popleft()
                 self.queued_tokens -= item.tokens
                 if not item.cancelled:  # its client went away while it waited
                     taken.append(item)

@@ -1,4 +1,4 @@
-"""The kernel benchmark's contenders, shapes and measurements: one definition for benchmarks/kernels.py (a table and
+"""The kernel benchmark's contenders, shapes and measurements: one definition for benchmarks/kernel_bench.py (a table and
 JSON) and benchmarks/test_kernels.py (pytest-benchmark).
 
 Contenders, each computing per-row soft value (logsumexp) and target logit from hidden [N, D] and

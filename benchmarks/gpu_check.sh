@@ -79,7 +79,7 @@ step kernels 150 "$OUT/kernels.txt" \
     env ${QUICK:+ENDOKERN_BENCH_QUICK=1} $PY -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py -k "$DEV-" \
     --benchmark-group-by=group --benchmark-columns=median,min,rounds --benchmark-json="$OUT/kernels.json"
 step ablation 90 "$OUT/ablation.txt" \
-    $PY benchmarks/kernels.py --device $DEV --shapes "$ABLATION" --dtypes bf16 --reps 5 --no-memory \
+    $PY benchmarks/kernel_bench.py --device $DEV --shapes "$ABLATION" --dtypes bf16 --reps 5 --no-memory \
     --contenders matmul --configs "$CONFIGS" --out "$OUT/ablation.json"
 step e2e 80 "$OUT/e2e.txt" \
     $PY benchmarks/e2e.py --device $DEV "${E2E[@]}" --out "$OUT/e2e.json"

@@ -56,3 +56,20 @@ def test_e2e_suite_runs_and_writes_json(tmp_path):
     endo = next(r for r in rows if r["extra_info"]["contender"] == "endokern")
     assert endo["extra_info"]["speedup_over_naive"] > 0 and endo["extra_info"]["tokens_per_s"] > 0
     assert endo["extra_info"]["logprob_max_rel_diff"] <= 1e-3
+
+
+def test_no_script_folder_module_shadows_an_installed_package():
+    """benchmarks/, scripts/ and examples/ go on sys.path when their scripts or pytest run them: a module there named
+    like an installed package's top-level module (as ``kernels``, which transformers imports for hub kernels) would be
+    imported in its place."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    installed |= set(sys.stdlib_module_names)
+    clashes = []
+    for folder in ("benchmarks", "scripts", "examples", "tests"):
+        for path in (ROOT / folder).iterdir():
+            name = path.stem if path.suffix == ".py" else (path.name if (path / "__init__.py").exists() else None)
+            if name and name in installed and name != "conftest":
+                clashes.append(f"{folder}/{path.name}")
+    assert not clashes, f"these shadow an installed or standard module of the same name: {clashes}"

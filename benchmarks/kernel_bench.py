@@ -10,9 +10,9 @@ contender adds on top of its inputs: torch.cuda.max_memory_allocated on GPU; on 
 peak resident set (VmHWM, reset before the call) of a fresh process that runs it once, so it
 counts the C++ kernel's own buffers too (Linux only).
 
-    python benchmarks/kernels.py                      # CPU rows of SPEC section 5
-    python benchmarks/kernels.py --device cuda        # GPU rows (H100 shapes)
-    python benchmarks/kernels.py --device cuda --shapes 32768:4096:128256 --configs default,128x128,stages4
+    python benchmarks/kernel_bench.py                      # CPU rows of SPEC section 5
+    python benchmarks/kernel_bench.py --device cuda        # GPU rows (H100 shapes)
+    python benchmarks/kernel_bench.py --device cuda --shapes 32768:4096:128256 --configs default,128x128,stages4
 """
 
 from __future__ import annotations

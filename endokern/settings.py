@@ -51,10 +51,20 @@ def check_top_fraction(top_fraction: Optional[float]) -> None:
         raise SettingsError(f"top-fraction must be in (0, 1], got {top_fraction}")
 
 
+KEY_WHEN_SET = "when-set"  # a key field recorded only when it differs from its default (added after checkpoints exist)
+# The order of the run keys in checkpoints written so far (a resumed run writes its key back in the same order); a
+# key field not named here follows in the order of the fields.
+KEY_ORDER = ("command", "model", "input", "template", "system", "append_eos", "alpha", "gamma", "terminal", "reduce",
+             "dtype", "backend", "packing", "batch_tokens", "chunk_rows", "max_length", "num_shards", "shard_index",
+             "limit", "engine", "per_token", "min_reward", "top_fraction")
+
+
 def _opt(default: Any, help: Optional[str] = None, *, group: str, choices: Optional[Sequence[Any]] = None,
-         key: bool = False, flag: Optional[str] = None, **argparse_kwargs: Any) -> Any:
+         key: Any = False, flag: Optional[str] = None, **argparse_kwargs: Any) -> Any:
     """A field with its command-line flag: ``group`` says which commands have it, ``key`` whether it decides the
-    output (it is then part of the run key, and a resume with another value is refused)."""
+    output (it is then part of the run key, and a resume with another value is refused): ``True`` always,
+    ``KEY_WHEN_SET`` only when its value is not the default (so checkpoints written before it was a key still
+    resume). A key field of a command's own group is part of that command's key only."""
     meta = dict(help=help, group=group, choices=choices, key=key, flag=flag, argparse=argparse_kwargs)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -107,22 +117,24 @@ class Settings:
     fields: Optional[str] = _opt(None, "map the input's columns onto endokern's names: NAME=COLUMN[,NAME=COLUMN...] "
                                  "(names: prompt, response, messages, chosen, rejected, responses, id, subset, "
                                  "response_a, response_b, label; a dotted COLUMN reads a nested field)", group="run",
-                                 key=True, metavar="NAME=COLUMN,...")
+                                 key=KEY_WHEN_SET, metavar="NAME=COLUMN,...")
     max_error_fraction: Optional[float] = _opt(None, "fail the run (exit 1) when more than this fraction of its rows "
                                                "are errors (a run where no row could be scored always fails)",
                                                group="run", type=float, metavar="F")
     # a command's own
-    per_token: bool = _opt(False, "also write token_rewards and token_logprobs", group="score")
+    per_token: bool = _opt(False, "also write token_rewards and token_logprobs", group="score", key=True)
     summary: Optional[str] = _opt(None, "summary JSON (default: beside the output, *.summary.json)", group="compare")
-    min_reward: Optional[float] = _opt(None, "keep rows whose reward is at least this", group="filter", type=float)
-    top_fraction: Optional[float] = _opt(None, "keep this fraction of rows, best first", group="filter", type=float)
+    min_reward: Optional[float] = _opt(None, "keep rows whose reward is at least this", group="filter", key=True,
+                                       type=float)
+    top_fraction: Optional[float] = _opt(None, "keep this fraction of rows, best first", group="filter", key=True,
+                                         type=float)
     rejected: Optional[str] = _opt(None, "where the rows not kept go, with the reason (default: *.rejected.jsonl)",
                                    group="filter")
     plot: Optional[str] = _opt(None, "also write a histogram of the rewards (kept vs rejected) here", group="filter",
                                metavar="PNG")
     # the Ray engine
     engine: str = _opt("local", "local: this process; ray: Ray Data workers, --output is a folder of Parquet parts",
-                       group="ray", choices=ENGINES)
+                       group="ray", choices=ENGINES, key=KEY_WHEN_SET)
     num_workers: int = _opt(1, "ray: scoring actors (one model each)", group="ray", type=int)
     address: Optional[str] = _opt(None, "ray: the cluster, HEAD:6379 or auto (default: RAY_ADDRESS, else one started "
                                   "here with `ray start`, else a new local one)", group="ray")
@@ -228,21 +240,20 @@ class Settings:
                     packing=PACKINGS[self.packing])
 
     def run_key(self) -> Dict[str, Any]:
-        """The options that decide a run's output (a resume with other values is refused): the ``key`` fields, the
-        inputs as absolute paths, and the command's own (``per_token``; ``min_reward``, ``top_fraction``)."""
-        key: Dict[str, Any] = {"command": self.command}
-        order = ("model", "input", "template", "system", "append_eos", "alpha", "gamma", "terminal", "reduce",
-                 "dtype", "backend", "packing", "batch_tokens", "chunk_rows", "max_length", "num_shards",
-                 "shard_index", "limit")  # the order of checkpoints written so far: they resume byte for byte
-        key.update({name: getattr(self, name) for name in order})
+        """The options that decide a run's output (a resume with other values is refused), derived from the fields
+        marked ``key``: every such field (one of a command's own group only for that command; a ``KEY_WHEN_SET`` one
+        only when set), the inputs as absolute paths, in the order of :data:`KEY_ORDER`."""
+        key: Dict[str, Any] = {}
+        for f in fields(self):
+            mark, group, value = f.metadata.get("key"), f.metadata.get("group"), getattr(self, f.name)
+            if not mark or (group in COMMANDS and group != self.command):
+                continue
+            if mark == KEY_WHEN_SET and value == _default(f):
+                continue
+            key[f.name] = value
         key["input"] = [os.path.abspath(p) if p != "-" else p for p in self.input]
-        if self.engine != "local":
-            key["engine"] = self.engine
-        if self.command == "score":
-            key["per_token"] = self.per_token
-        if self.command == "filter":
-            key.update(min_reward=self.min_reward, top_fraction=self.top_fraction)
-        return key
+        rank = {name: i for i, name in enumerate(KEY_ORDER)}
+        return dict(sorted(key.items(), key=lambda item: rank.get(item[0], len(rank))))
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -265,7 +276,7 @@ class Settings:
                 if ray_group is None:
                     ray_group = parser.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
                 target = ray_group
-            default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            default = defaults.get(f.name, _default(f))
             kwargs = dict(meta["argparse"], help=meta["help"])
             flag = meta["flag"] or "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
@@ -285,6 +296,10 @@ class Settings:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         values.update(overrides)
         return cls(**values)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 # --------------------------------------------------------------------------------------------- the machine's checks

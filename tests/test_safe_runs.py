@@ -303,3 +303,41 @@ def test_parquet_output_of_rows_with_and_without_ids(tmp_path, rng):
     assert cli("score", "--input", src, "--output", tmp_path / "out.parquet", "--chunk-rows", "4") == 0
     ids = pq.read_table(tmp_path / "out.parquet").column("id").to_pylist()
     assert ids == [str(row.get("id", i)) for i, row in enumerate(rows)]
+
+
+# ------------------------------------------------------------------------------------------------ a resume is one run
+
+
+@pytest.mark.parametrize("stopped", ["interrupted", "finished"])
+def test_a_resume_with_another_fields_mapping_is_refused_and_touches_nothing(tmp_path, rng, capsys, monkeypatch,
+                                                                            stopped):
+    """Two mappings never meet in one output: a run stopped after its first chunk (or finished) and started again
+    with another --fields is a usage error, and its files keep their bytes."""
+    from endokern.io import RunWriter
+
+    rows = [{"q": sentence(rng), "good": " " + sentence(rng, 6, 12), "bad": " " + sentence(rng, 1, 3)}
+            for _ in range(6)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    args = ("score", "--input", src, "--output", out, "--chunk-rows", 2)
+    if stopped == "interrupted":
+        commit = RunWriter.commit
+
+        def stop_after_the_first_chunk(self, *a, **k):
+            commit(self, *a, **k)
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(RunWriter, "commit", stop_after_the_first_chunk)
+            code, _ = refused(capsys, *args, "--fields", "prompt=q,response=good")
+        assert code == 130 and len(read_jsonl(out)) == 2
+    else:
+        assert cli(*args, "--fields", "prompt=q,response=good") == 0
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.name != "in.jsonl"}
+    capsys.readouterr()
+    code, err = refused(capsys, *args, "--fields", "prompt=q,response=bad")
+    assert code == 2 and "fields" in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.name != "in.jsonl"} == files
+    # the same mapping resumes (or finds the run complete) and ends with every row
+    assert cli(*args, "--fields", "prompt=q,response=good") == 0
+    assert len(read_jsonl(out)) == 6

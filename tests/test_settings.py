@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 
 import pytest
@@ -124,6 +125,54 @@ def test_run_key_holds_what_decides_the_output_and_nothing_else(rng, tmp_path):
     filt = base.replace(command="filter", min_reward=-1.0).run_key()
     assert filt["min_reward"] == -1.0 and filt["top_fraction"] is None and "per_token" not in filt
     assert base.replace(engine="ray").run_key()["engine"] == "ray"
+
+
+def _another_value(f, value, rng):
+    """A valid value of field ``f`` other than ``value``, found from the field itself (its choices, its type)."""
+    choices = f.metadata.get("choices")
+    if choices:
+        return next(c for c in choices if c != value)
+    kind = str(f.type)
+    if "bool" in kind:
+        return not value
+    if "List" in kind:
+        return [f"other-{rng.randint(0, 99)}.jsonl"]
+    if "int" in kind:
+        return (value or 1) + rng.randint(1, 9)
+    if "float" in kind:
+        return (value if value is not None else 0.5) * rng.uniform(0.1, 0.9)
+    if f.name == "fields":
+        return f"prompt=q{rng.randint(0, 99)},response=a"
+    return f"other-{rng.randint(0, 99)}"
+
+
+def test_every_key_field_is_in_the_run_key_and_no_other_field(rng, tmp_path):
+    """Read off the dataclass, not a list: a field marked ``key`` changes the key when it changes (for a command's
+    own field, on that command), and a field not marked never does."""
+    key_fields = [f for f in dataclasses.fields(Settings) if f.metadata.get("key")]
+    assert {"fields", "alpha", "input", "model", "per_token", "min_reward", "engine"} <= {f.name for f in key_fields}
+    for f in dataclasses.fields(Settings):
+        group = f.metadata.get("group")
+        command = group if group in ("score", "compare", "rank", "filter") else rng.choice(["score", "compare",
+                                                                                              "rank", "filter"])
+        base = Settings(command=command, input=[str(tmp_path / "a.jsonl")], output="o.jsonl")
+        if f.name == "command":
+            continue  # every other value of command is another command: compared below
+        changed = base.replace(**{f.name: _another_value(f, getattr(base, f.name), rng)})
+        if f.metadata.get("key"):
+            assert changed.run_key() != base.run_key(), f.name
+            assert f.name in changed.run_key(), f.name
+        else:
+            assert changed.run_key() == base.run_key(), f.name
+    keys = {c: Settings(command=c).run_key() for c in ("score", "compare", "rank", "filter")}
+    assert len({json.dumps(k) for k in keys.values()}) == 4
+
+
+def test_a_key_field_added_later_stays_out_of_the_key_while_unset(tmp_path):
+    """Checkpoints written before --fields was part of the key resume: unset, it is not in the key at all."""
+    base = Settings(command="score", input=[str(tmp_path / "a.jsonl")])
+    assert "fields" not in base.run_key() and "engine" not in base.run_key()
+    assert base.replace(fields="prompt=q").run_key()["fields"] == "prompt=q"
 
 
 def test_model_kwargs_are_from_pretrained_s():

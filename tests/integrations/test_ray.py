@@ -159,6 +159,29 @@ def test_resume_scores_only_the_missing_chunks_and_refuses_other_arguments(tmp_p
             run_ray("score", "--input", src, "--output", tmp_path / "o2", *bad)
 
 
+@pytest.mark.parametrize("stopped", ["interrupted", "finished"])
+def test_a_resume_with_another_fields_mapping_is_refused_and_touches_nothing(tmp_path, rng, capsys, stopped):
+    rows = [{"q": sentence(rng), "good": " " + sentence(rng), "bad": " " + sentence(rng)} for _ in range(12)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    args = ("score", "--input", src, "--output", out, "--chunk-rows", 4)
+    run_ray(*args, "--fields", "prompt=q,response=good")
+    if stopped == "interrupted":
+        os.remove(out / "part-000000000004.parquet")  # a chunk not yet written, as a kill leaves it
+
+    def files():
+        return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() for d, _, names in os.walk(tmp_path)
+                for n in names}
+
+    before = files()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="fields") as refused:
+        run_ray(*args, "--fields", "prompt=q,response=bad")
+    assert refused.value.code == 2 and files() == before
+    run_ray(*args, "--fields", "prompt=q,response=good")
+    assert len(folder_rows(out)) == 12
+
+
 def test_filter_by_min_reward_and_top_fraction(tmp_path, rng):
     rows = [{"id": i, "prompt": sentence(rng), "response": " " + sentence(rng), "meta": i * 2} for i in range(20)]
     src = write_jsonl(tmp_path / "in.jsonl", rows + [{"id": 99, "prompt": "a"}])

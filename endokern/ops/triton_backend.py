@@ -60,6 +60,15 @@ class KernelConfig(NamedTuple):
     # Interpreter only: products summed over K in index order instead of tl.dot, whose numpy/BLAS
     # version gives a row different bits at different positions in a tile. Tests also run tl.dot there.
     broadcast_dot: bool = False
+    # A timing probe, never a result: the same loads and tl.dot, but the epilogue is one max per tile (see
+    # GPU_CANDIDATES["mainloop"]); kernel_config never returns it, so soft_values cannot reach it.
+    mainloop_only: bool = False
+    # Operands through TMA tensor descriptors (host TensorDescriptor; Hopper's bulk tensor copies) instead of
+    # pointer loads. Needs a unit K stride and 16-byte aligned rows (D * itemsize % 16 == 0); Triton >= 3.6.
+    tma: bool = False
+    # tl.range(..., warp_specialize=True) over the vocabulary tiles: a producer warp issues the loads and the
+    # consumer warpgroups run wgmma and the epilogue, so one tile's epilogue overlaps the next tile's loads.
+    warp_specialize: bool = False
 
     @property
     def split_size(self) -> int:
@@ -80,6 +89,13 @@ GPU_CANDIDATES = {
     "flatten": KernelConfig(64, 256, 64, 32, 8, 3, group_m=32, flatten=True),
     "128x128": KernelConfig(128, 128, 64, 64, 8, 3, group_m=8),  # the tile before, in the new order
     "2-per-sm": KernelConfig(64, 128, 64, 64, 4, 3, group_m=32),  # 128 threads x 255 registers x 2 fit
+    # TMA operands + warp specialization at 128 rows (wgmma's M per consumer warpgroup is 64, two consumers);
+    # the same 8192-column splits, and group 16 keeps the default's 2048 rows per launch group.
+    "tma-ws-128x128": KernelConfig(128, 128, 64, 64, 4, 3, group_m=16, tma=True, warp_specialize=True),
+    # Timing probe, NOT soft values: the default tile's loads and tl.dot with the epilogue cut to one max per
+    # tile, so (its time) - (the default's) is the exposed epilogue. Its value is alpha * logsumexp over splits of
+    # (split's max raw logit) / alpha; kernel_config never returns it (tests/ops/test_triton_kernel.py).
+    "mainloop": KernelConfig(64, 256, 64, 32, 8, 3, group_m=32, mainloop_only=True),
 }
 
 
@@ -112,6 +128,8 @@ if triton is not None:
         num_splits, split_size, group_m, scale, softcap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BROADCAST_DOT: tl.constexpr, FLATTEN: tl.constexpr,
+        H_K_UNIT: tl.constexpr, W_K_UNIT: tl.constexpr,
+        TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAINLOOP_ONLY: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Grouped launch order: group_m row blocks per group, row block fastest within it, then the split.
@@ -134,24 +152,26 @@ if triton is not None:
         run_ent = tl.zeros([BLOCK_M], tl.float32)
         target_logit = tl.zeros([BLOCK_M], tl.float32)
 
+        if TMA:  # device-side descriptors: Triton warp-specializes a Hopper loop only with these, not host ones
+            h_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[n_rows, dim], strides=[stride_hn, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+            w_desc = tl.make_tensor_descriptor(weight_ptr, shape=[vocab, dim], strides=[stride_wv, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+
         v_start = pid_s * split_size
         v_end = tl.minimum(v_start + split_size, vocab)
-        for v0 in tl.range(v_start, v_end, BLOCK_N, flatten=FLATTEN):
+        for v0 in tl.range(v_start, v_end, BLOCK_N, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
             cols = v0 + tl.arange(0, BLOCK_N)
             col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(0, dim, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < dim
-                h = tl.load(
-                    hidden_ptr + rows64[:, None] * stride_hn + ks[None, :] * stride_hd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0,
-                )
-                w = tl.load(
-                    weight_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wd,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0,
-                )
+                if TMA:  # out-of-bounds rows, columns and K read as 0
+                    h = h_desc.load([pid_m * BLOCK_M, k0])
+                    w = w_desc.load([v0, k0]).T
+                else:
+                    h, w = _load_tiles(hidden_ptr, weight_ptr, rows64, row_ok, cols64, col_ok, k0, dim,
+                                       stride_hn, stride_hd, stride_wv, stride_wd, H_K_UNIT, W_K_UNIT, BLOCK_K)
                 if UPCAST:
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
@@ -160,35 +180,76 @@ if triton is not None:
                 else:
                     acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
-            z = acc
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0)[None, :]
-            if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
+            if MAINLOOP_ONLY:  # the timing probe: one max per tile, nothing else
+                run_max = tl.maximum(run_max, tl.max(acc, axis=1))
+            else:
+                run_max, run_sum, run_ent, target_logit = _fold_tile(
+                    acc, cols, cols64, col_ok, target, bias_ptr, scale, softcap, run_max, run_sum, run_ent,
+                    target_logit, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY)
 
-            hit = cols[None, :] == target[:, None]
-            target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
-
-            # Base-2 logits over alpha. Columns past the split get a finite floor, not -inf: their p is 0 and
-            # p * (u - max) stays 0 without a second mask (every tile has at least one real column).
-            u = tl.where(col_ok[None, :], z * scale, -1.0e30)
-            new_max = tl.maximum(run_max, tl.max(u, axis=1))
-            shift = run_max - new_max
-            rescale = tl.exp2(shift)
-            u_shifted = u - new_max[:, None]
-            p = tl.exp2(u_shifted)
-            if WITH_ENTROPY:
-                tile_ent = tl.sum(p * u_shifted, axis=1)
-                run_ent = rescale * (run_ent + run_sum * shift) + tile_ent
-            run_sum = run_sum * rescale + tl.sum(p, axis=1)
-            run_max = new_max
-
+        if MAINLOOP_ONLY:
+            run_max = run_max * scale
+            run_sum += 1.0
         out = partial_ptr + pid_s.to(tl.int64) * n_rows + rows64
         plane = num_splits.to(tl.int64) * n_rows
         tl.store(out, run_max, mask=row_ok)
         tl.store(out + plane, run_sum, mask=row_ok)
         tl.store(out + 2 * plane, run_ent, mask=row_ok)
         tl.store(out + 3 * plane, target_logit, mask=row_ok)
+
+    @triton.jit
+    def _load_tiles(hidden_ptr, weight_ptr, rows64, row_ok, cols64, col_ok, k0, dim,
+                    stride_hn, stride_hd, stride_wv, stride_wd,
+                    H_K_UNIT: tl.constexpr, W_K_UNIT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Pointer loads of a [BLOCK_M, BLOCK_K] hidden tile and a [BLOCK_K, BLOCK_N] head tile, masked."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < dim
+        # K offsets are 64-bit unless the K stride is 1: a transposed hidden or head (a W.t() view) has
+        # (D-1) * stride past 2^31 at real sizes; a contiguous copy instead would allocate N x D or V x D.
+        if H_K_UNIT:
+            h_k = ks
+        else:
+            h_k = ks.to(tl.int64) * stride_hd
+        if W_K_UNIT:
+            w_k = ks
+        else:
+            w_k = ks.to(tl.int64) * stride_wd
+        h = tl.load(
+            hidden_ptr + rows64[:, None] * stride_hn + h_k[None, :],
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + cols64[None, :] * stride_wv + w_k[:, None],
+            mask=col_ok[None, :] & k_ok[:, None], other=0.0,
+        )
+        return h, w
+
+    @triton.jit
+    def _fold_tile(acc, cols, cols64, col_ok, target, bias_ptr, scale, softcap, run_max, run_sum, run_ent,
+                   target_logit, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+        """The epilogue of one tile of logits: bias, softcap, target pick-up, online max / sum / entropy."""
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+
+        hit = cols[None, :] == target[:, None]
+        target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+        # Base-2 logits over alpha. Columns past the split get a finite floor, not -inf: their p is 0 and
+        # p * (u - max) stays 0 without a second mask (every tile has at least one real column).
+        u = tl.where(col_ok[None, :], z * scale, -1.0e30)
+        new_max = tl.maximum(run_max, tl.max(u, axis=1))
+        shift = run_max - new_max
+        rescale = tl.exp2(shift)
+        u_shifted = u - new_max[:, None]
+        p = tl.exp2(u_shifted)
+        if WITH_ENTROPY:
+            tile_ent = tl.sum(p * u_shifted, axis=1)
+            run_ent = rescale * (run_ent + run_sum * shift) + tile_ent
+        run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        return new_max, run_sum, run_ent, target_logit
 
     @triton.jit(do_not_specialize=["n_rows", "num_splits"])
     def _merge_splits_kernel(
@@ -199,16 +260,17 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
-        plane = num_splits.to(tl.int64) * n_rows
+        n64 = n_rows.to(tl.int64)  # split s's partials start at s * n_rows: 64-bit, as num_splits * N may pass 2^31
+        plane = num_splits.to(tl.int64) * n64
 
         total_max = tl.full([BLOCK], -3.0e38, tl.float32)
         for s in range(0, num_splits):
-            total_max = tl.maximum(total_max, tl.load(partial_ptr + s * n_rows + rows64, mask=row_ok, other=0.0))
+            total_max = tl.maximum(total_max, tl.load(partial_ptr + s * n64 + rows64, mask=row_ok, other=0.0))
         total_sum = tl.zeros([BLOCK], tl.float32)
         total_ent = tl.zeros([BLOCK], tl.float32)
         target_logit = tl.zeros([BLOCK], tl.float32)
         for s in range(0, num_splits):
-            at = partial_ptr + s * n_rows + rows64
+            at = partial_ptr + s * n64 + rows64
             split_max = tl.load(at, mask=row_ok, other=0.0)
             split_sum = tl.load(at + plane, mask=row_ok, other=1.0)
             shift = split_max - total_max
@@ -252,6 +314,8 @@ def forward(
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.maxnreg is not None and not interpreting:
         launch["maxnreg"] = cfg.maxnreg
+    if cfg.tma:
+        _check_tma_operands(hidden, weight)
     _soft_values_split_kernel[(row_blocks * num_splits,)](
         hidden, weight, bias if bias is not None else partial, targets, partial,
         n, v, d,
@@ -259,7 +323,9 @@ def forward(
         num_splits, cfg.split_size, min(cfg.group_m, row_blocks), LOG2E / alpha, float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=return_entropy,
         UPCAST=interpreting, DOT_PRECISION=precision, BROADCAST_DOT=cfg.broadcast_dot and interpreting,
-        FLATTEN=cfg.flatten, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
+        FLATTEN=cfg.flatten, H_K_UNIT=hidden.stride(1) == 1, W_K_UNIT=weight.stride(1) == 1,
+        TMA=cfg.tma, WARP_SPECIALIZE=cfg.warp_specialize, MAINLOOP_ONLY=cfg.mainloop_only,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
     )
     value = torch.empty(n, dtype=torch.float32, device=device)
     target_logit = torch.empty_like(value)
@@ -271,3 +337,25 @@ def forward(
     )
     return value, target_logit, entropy if return_entropy else None
 
+
+
+def _check_tma_operands(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """TMA needs a unit K stride, and row strides and base addresses that are multiples of 16 bytes. A launch
+    config with ``tma=True`` refuses other inputs: it is a candidate to time, not a path soft_values falls back from.
+    Its descriptors are made in the kernel (128 bytes of global scratch per program, from Triton's allocator)."""
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        size = x.element_size()
+        if x.stride(1) != 1 or (x.stride(0) * size) % 16 or (x.device.type != "meta" and x.data_ptr() % 16):
+            raise ValueError(
+                f"a TMA launch config needs {name} with unit K stride and 16-byte aligned rows; got strides "
+                f"{tuple(x.stride())} of {x.dtype} (D * {size} bytes must be a multiple of 16)"
+            )
+    if hidden.device.type == "cuda":
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):  # never replace the caller's own
+            triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")

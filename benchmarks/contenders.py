@@ -12,7 +12,8 @@ the LM head [V, D]:
              kernels on CUDA, its torch.compile path (impl="torch_compile") on the CPU
   liger      Liger-Kernel's fused linear cross entropy forward, on CUDA, if importable
   triton[C]  with --configs C,...: the Triton split kernel with launch config C of
-             endokern.ops.triton_backend.GPU_CANDIDATES (the ablation; also under TRITON_INTERPRET=1 on CPU)
+             endokern.ops.triton_backend.GPU_CANDIDATES (the ablation; also under TRITON_INTERPRET=1 on CPU);
+             C = mainloop is a timing probe (loads and tl.dot, one max per tile): timed, its output not checked
 
 Time is the median of --reps runs after a warm-up (CUDA events on GPU). Peak extra memory is what a
 contender adds on top of its inputs: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the
@@ -79,9 +80,14 @@ def contenders(device: torch.device, softcap, configs=()):
 
         for config in configs:
             cfg = triton_backend.GPU_CANDIDATES[config]
-            out[f"triton[{config}]"] = lambda h, w, t, cfg=cfg: triton_backend.forward(
-                h, w, t, bias=None, alpha=1.0, softcap=softcap, return_entropy=False, config=cfg
-            )
+
+            def run(h, w, t, cfg=cfg):
+                got = triton_backend.forward(h, w, t, bias=None, alpha=1.0, softcap=softcap, return_entropy=False,
+                                             config=cfg)
+                # a timing probe's output is not soft values: a 2-D tensor, which loss_of does not check
+                return got[0][:, None] if cfg.mainloop_only else got
+
+            out[f"triton[{config}]"] = run
     try:  # on CUDA its Triton kernels; on the CPU its torch.compile path (impl="torch_compile")
         from cut_cross_entropy import linear_cross_entropy
 

@@ -119,7 +119,7 @@ def _model_settings(args: argparse.Namespace) -> Settings:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Token by token: which tokens of a response earn or lose reward (terminal colours and/or an HTML page)."""
     from .explain import explain, read_row, render_html, render_terminal, row_examples
-    from .formats import RowError, map_fields, parse_fields, row_id
+    from .layouts import RowError, map_fields, parse_fields, row_id
     from .model import EndoRM
     from .tokenization import EncodeError, TextExample, resolve_template
 
@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         variants = parse_variants(args.variants)
         suites = evaluation.resolve_suites(args.suite, args.data)
         if args.fields:
-            from .formats import parse_fields
+            from .layouts import parse_fields
 
             parse_fields(args.fields)
     except (ValueError, FileNotFoundError) as err:

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import formats
+from . import layouts
 from .io import RunLock, RunWriter, file_stem, read_rows, write_rows
 from .pipeline import CompareTask, RunStats, stream
 from .settings import Settings
@@ -131,7 +131,7 @@ def sample_rows(suite: Suite, paths: Sequence[str], max_rows: Optional[int], see
             if item.error is not None:
                 bad.append({"row": len(rows) + len(bad), "reason": item.error})
                 continue
-            row = formats.map_fields(dict(item.row), fields) if fields else dict(item.row)
+            row = layouts.map_fields(dict(item.row), fields) if fields else dict(item.row)
             row.setdefault("id", len(rows) + len(bad))
             if row.get("subset") is None:
                 row["subset"] = suite.name
@@ -174,7 +174,7 @@ class JudgeTask(CompareTask):
     name = "judge"
 
     def examples(self, row):
-        pref = formats.preference_examples(row, self.template)
+        pref = layouts.preference_examples(row, self.template)
         answer = JUDGE_ANSWER if self.template == "chat" else " " + JUDGE_ANSWER
         prompt_suffix = "" if self.template == "chat" else "\nAnswer:"
         return [TextExample(judge_text(e) + prompt_suffix, answer) for e in pref.examples], pref
@@ -193,7 +193,7 @@ class JudgeTask(CompareTask):
 
 
 def _row_out(row, index, pref, rewards, results) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"id": formats.row_id(row, index)}
+    out: Dict[str, Any] = {"id": layouts.row_id(row, index)}
     if row.get("subset") is not None:
         out["subset"] = row["subset"]
     out.update(k=pref.k, grid=pref.grid, num_tokens=[r.num_tokens for r in results], rewards=rewards)
@@ -238,7 +238,7 @@ def run_eval(
         passes.append(("judge", JudgeTask(template)))
     results: List[PassResult] = []
     for suite, paths in suites:
-        rows, bad = sample_rows(suite, paths, max_rows, seed, formats.parse_fields(fields) if fields else None)
+        rows, bad = sample_rows(suite, paths, max_rows, seed, layouts.parse_fields(fields) if fields else None)
         inputs = os.path.join(output_dir, "inputs", f"{suite.name}.jsonl")
         os.makedirs(os.path.dirname(inputs), exist_ok=True)
         write_rows(inputs, rows)
@@ -286,10 +286,10 @@ def row_metrics(row: Dict[str, Any], variant: str) -> Dict[str, float]:
     k = row["k"]
     chosen, rejected = rewards[:k], rewards[k:]
     margins = [[c - r for r in rejected] for c in chosen]
-    cells = [formats.win(m) for line in margins for m in line]
+    cells = [layouts.win(m) for line in margins for m in line]
     out = {"accuracy": sum(cells) / len(cells)}
     if row.get("grid"):
-        out.update(formats.grid_accuracy(margins))
+        out.update(layouts.grid_accuracy(margins))
     return out
 
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import formats
+from . import layouts
 from .io import read_rows
 from .tokenization import EncodeError, TextExample
 
@@ -159,13 +159,13 @@ def read_row(path: str, index: int) -> Dict[str, Any]:
 
 def row_examples(row: Dict[str, Any], template: str) -> Tuple[List[TextExample], List[str]]:
     """The examples of a score, rank or preference row, and their labels (``chosen[0]``, ``rejected``...);
-    :class:`endokern.formats.RowError` when the row cannot be used. ``template`` is the resolved one."""
+    :class:`endokern.layouts.RowError` when the row cannot be used. ``template`` is the resolved one."""
     if "responses" in row:
-        examples = formats.rank_examples(row)
+        examples = layouts.rank_examples(row)
         return examples, [f"response {i}" for i in range(len(examples))]
     if "response" in row or "messages" in row:
-        return formats.score_examples(row), ["response"]
-    pref = formats.preference_examples(row, template)
+        return layouts.score_examples(row), ["response"]
+    pref = layouts.preference_examples(row, template)
     if pref.grid:
         return pref.examples, [f"{side}[{i}]" for side in ("chosen", "rejected") for i in range(pref.k)]
     return pref.examples, ["chosen", "rejected"]

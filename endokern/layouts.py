@@ -1,4 +1,5 @@
-"""Input rows to examples, and results back to output rows, for each command.
+"""Row layouts: input rows to examples, and results back to output rows, for each command (preference pairs,
+RM-Bench grids, LLMBar, labelled pairs, conversations, TRL's formats).
 
 A row that cannot be used raises :class:`RowError` with the reason; the run reports it and goes on.
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import formats
+from . import layouts
 from .io import InputRow, RunWriter, read_inputs
 from .model import EndoRM, ScoreResult, progress_bar
 from .settings import Settings
@@ -26,14 +26,14 @@ SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
 
 class Task:
     """What a command makes of a row (examples) and of its results (output rows per stream). ``fields`` maps the
-    input's columns onto endokern's names (:func:`endokern.formats.map_fields`) before the row is read."""
+    input's columns onto endokern's names (:func:`endokern.layouts.map_fields`) before the row is read."""
 
     name = "score"
     per_token = False
     fields: Optional[Dict[str, str]] = None
 
     def examples(self, row: Dict[str, Any]) -> Tuple[List[TextExample], Any]:
-        return formats.score_examples(row), None
+        return layouts.score_examples(row), None
 
     def encode(self, encoder, examples: List[TextExample]) -> List[Any]:
         """The chunk's examples as :class:`Encoded` (or :class:`EncodeError`) in order."""
@@ -41,7 +41,7 @@ class Task:
 
     def outputs(self, row: Dict[str, Any], index: int, state: Any, results: List[ScoreResult]) -> Dict[str, List[dict]]:
         result = results[0]
-        out = {"id": formats.row_id(row, index)}
+        out = {"id": layouts.row_id(row, index)}
         out.update({k: getattr(result, k) for k in SCORE_FIELDS})
         if self.per_token:
             out.update(token_rewards=result.token_rewards, token_logprobs=result.token_logprobs)
@@ -60,21 +60,21 @@ class CompareTask(Task):
         self.template = template
 
     def examples(self, row):
-        pref = formats.preference_examples(row, self.template)
+        pref = layouts.preference_examples(row, self.template)
         return pref.examples, pref
 
     def outputs(self, row, index, state, results):
-        return {"output": [formats.preference_output(row, index, state, [r.reward for r in results])]}
+        return {"output": [layouts.preference_output(row, index, state, [r.reward for r in results])]}
 
 
 class RankTask(Task):
     name = "rank"
 
     def examples(self, row):
-        return formats.rank_examples(row), None
+        return layouts.rank_examples(row), None
 
     def outputs(self, row, index, state, results):
-        return {"output": [formats.rank_output(row, index, [r.reward for r in results])]}
+        return {"output": [layouts.rank_output(row, index, [r.reward for r in results])]}
 
 
 class FilterTask(Task):
@@ -90,7 +90,7 @@ class FilterTask(Task):
     def outputs(self, row, index, state, results):
         result = results[0]
         out = dict(row)
-        out["id"] = formats.row_id(row, index)
+        out["id"] = layouts.row_id(row, index)
         out.update({k: getattr(result, k) for k in SCORE_FIELDS})
         if self.keep_scored or self.min_reward is None or result.reward >= self.min_reward:
             return {"output": [out]}
@@ -112,7 +112,7 @@ def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> T
         task = FilterTask(None if keep_scored else settings.min_reward, keep_scored=keep_scored)
     else:
         raise ValueError(f"no task for command {settings.command!r}")
-    task.fields = formats.parse_fields(settings.fields) if settings.fields else None
+    task.fields = layouts.parse_fields(settings.fields) if settings.fields else None
     return task
 
 
@@ -225,11 +225,11 @@ def prepare_chunk(
         if item.error is not None:
             errors.append(_error(item.index, None, item.error, damaged=item.damaged))
             continue
-        row = formats.optional_subset(item.row, subset)
+        row = layouts.optional_subset(item.row, subset)
         try:
-            row = formats.map_fields(row, task.fields)
+            row = layouts.map_fields(row, task.fields)
             row_examples, state = task.examples(row)
-        except formats.RowError as err:
+        except layouts.RowError as err:
             errors.append(_error(item.index, row, str(err)))
             continue
         too_long = max_chars is not None and max((text_length(e) for e in row_examples), default=0) > max_chars

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from . import io, parts
-from .formats import summarize_preferences
+from .layouts import summarize_preferences
 from .pipeline import RunStats, make_task, stream
 from .settings import Settings, SettingsError, check_top_fraction
 from .tokenization import resolve_template
@@ -228,7 +228,7 @@ def report(stats: RunStats, files: Dict[str, str], log: Log) -> None:
 
 
 def write_summary(rows: Iterable[dict], errors: str, stats: RunStats, path: str) -> Dict[str, Any]:
-    """Compare's summary (:func:`endokern.formats.summarize_preferences`) with the error count and the run's
+    """Compare's summary (:func:`endokern.layouts.summarize_preferences`) with the error count and the run's
     statistics, written to ``path`` (JSON) and returned."""
     summary = summarize_preferences(list(rows))
     summary["errors"] = sum(1 for _ in _file_rows(errors)) if errors != "-" else 0

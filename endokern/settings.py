@@ -169,7 +169,7 @@ class Settings:
         if self.max_error_fraction is not None and not 0 <= self.max_error_fraction <= 1:
             raise SettingsError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.fields is not None:
-            from .formats import parse_fields
+            from .layouts import parse_fields
 
             try:
                 parse_fields(self.fields)

@@ -17,7 +17,7 @@ from model_utils import FIXTURE, fixture_model
 
 from endokern import EndoRM
 from endokern.cli import main
-from endokern.formats import grid_accuracy, summarize_preferences
+from endokern.layouts import grid_accuracy, summarize_preferences
 
 WORDS = ("the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was went to "
          "a in on with her his they saw").split()

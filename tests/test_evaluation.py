@@ -13,7 +13,7 @@ from test_cli import read_jsonl, run_cli, sentence, write_jsonl
 from test_tokenization import chat_tokenizer  # noqa: F401 (the fixture)
 
 from endokern import EndoRM, evaluation
-from endokern.formats import grid_accuracy, win
+from endokern.layouts import grid_accuracy, win
 from endokern.tokenization import TextExample
 from endokern.variants import parse_variants
 

@@ -348,7 +348,7 @@ def test_cli_filter_plot_in_both_modes(tmp_path, monkeypatch):
 
 def test_one_row_of_a_file_from_python(tmp_path):
     from endokern.explain import read_row, row_examples
-    from endokern.formats import RowError
+    from endokern.layouts import RowError
 
     rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "responses": ["a", "b", "c"]},
             {"prompt": "p", "chosen": ["a", "b"], "rejected": ["c", "d"]}, {"prompt": "p", "chosen": "a"}]

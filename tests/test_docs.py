@@ -255,6 +255,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
 def parse(args: List[str]):
     """Parse with endokern's own parser (and, for the file commands, build and validate their Settings); None for
     --help and --version, which end the parse."""
+    import endokern.settings
     from endokern.cli import build_parser
     from endokern.settings import Settings
 
@@ -267,6 +268,9 @@ def parse(args: List[str]):
         return None
     if ns.command in FILE_COMMANDS:
         Settings.from_args(ns).validate()
+    model_settings = getattr(endokern.settings, "ModelSettings", None)  # the model's part of the settings
+    if ns.command in ("explain", "eval", "serve") and model_settings is not None:
+        model_settings.from_args(ns).validate()
     if ns.command == "serve":
         from endokern.serve import ServeOptions
 

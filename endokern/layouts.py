@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from .settings import FIELD_NAMES, parse_fields  # noqa: F401  (the syntax of --fields; FIELD_NAMES read here)
 from .tokenization import TextExample
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -40,30 +41,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 class RowError(ValueError):
     """A row that cannot be scored, with the reason."""
-
-
-FIELD_NAMES = ("prompt", "response", "messages", "chosen", "rejected", "responses", "id", "subset", "response_a",
-               "response_b", "label")
-
-
-def parse_fields(spec: str) -> Dict[str, str]:
-    """``"prompt=question,chosen=answers.good"`` -> ``{"prompt": "question", "chosen": "answers.good"}``; ValueError
-    for an unknown name, a name given twice, or an item that is not NAME=COLUMN."""
-    mapping: Dict[str, str] = {}
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        name, eq, column = (x.strip() for x in item.partition("="))
-        if not eq or not name or not column:
-            raise ValueError(f"{item!r} is not NAME=COLUMN")
-        if name not in FIELD_NAMES:
-            raise ValueError(f"unknown name {name!r}; the names are {', '.join(FIELD_NAMES)}")
-        if name in mapping:
-            raise ValueError(f"{name!r} is mapped twice")
-        mapping[name] = column
-    if not mapping:
-        raise ValueError("give NAME=COLUMN[,NAME=COLUMN...]")
-    return mapping
 
 
 def map_fields(row: Dict[str, Any], mapping: Optional[Dict[str, str]]) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from .batching import Batch, batches
 from .ops import soft_values
 from .reward import IGNORE_INDEX, ResponseRows, sequence_rewards
-from .settings import Settings, SettingsError, check_reward
+from .settings import ModelSettings, SettingsError, check_reward
 from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
 
 # Tokens per forward batch (padding included). On CPU, batches past about a thousand tokens run slower per
@@ -161,8 +161,9 @@ class EndoRM:
         return cls(model, tokenizer, **rm_kwargs)
 
     @classmethod
-    def from_settings(cls, settings: Settings, **hf_kwargs) -> "EndoRM":
-        """Load the model of :class:`endokern.settings.Settings` with its model and reward options."""
+    def from_settings(cls, settings: ModelSettings, **hf_kwargs) -> "EndoRM":
+        """Load the model of :class:`endokern.settings.ModelSettings` (or of a run's
+        :class:`~endokern.settings.Settings`) with its model and reward options."""
         return cls.from_pretrained(settings.model, **settings.model_kwargs(), **hf_kwargs)
 
     @property

@@ -1,11 +1,14 @@
-"""What a run does to its rows, chunk by chunk, whichever engine runs it.
+"""The one path from rows to results, for every front door.
 
-A command's :class:`Task` turns an input row into examples and its results into output rows; :func:`process_chunk`
-takes one chunk of numbered input rows through a task (encoding, length checks, one ``score_encoded`` call, per-row
-errors) and is the unit both engines run: :func:`stream` in this process, the Ray engine on its actors. :func:`stream`
-reads the inputs in chunks (memory does not grow with the input) and commits each chunk's output and error rows
-together through :class:`endokern.io.RunWriter`, whose checkpoint makes a killed run resumable: output rows + error
-rows = input rows, no duplicates.
+A command's :class:`Task` turns an input row into examples and its results into output rows (a reward variant
+included). :class:`RowScorer` takes rows through a task: the row checks (parsed, Unicode text, the task's layout,
+``--fields``, lengths), the text template, one ``score_encoded`` call, and the results back in row order with every
+row that cannot be scored as an error row in its place. Every front door runs it: a file run on either engine
+(:func:`stream` in this process, the Ray engine on its actors), ``endokern serve`` (which splits it around its
+batcher: :meth:`RowScorer.prepare`, then :meth:`RowScorer.assemble`) and the TRL reward. :func:`stream` reads the
+inputs in chunks (memory does not grow with the input) and commits each chunk's output and error rows together
+through :class:`endokern.io.RunWriter`, whose checkpoint makes a killed run resumable: output rows + error rows =
+input rows, no duplicates.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import layouts
 from .io import InputRow, RunWriter, read_inputs
 from .model import EndoRM, ScoreResult, progress_bar
-from .settings import Settings
+from .settings import ModelSettings, Settings
 from .tokenization import Encoded, EncodeError, TextExample, resolve_template
+from .variants import Variant, variant_score
+
+__all__ = ["ChunkResult", "CompareTask", "FilterTask", "PreparedChunk", "RankTask", "RowScorer", "RunStats",
+           "ScoreTask", "Task", "make_task", "rows_chunk", "stream"]
 
 SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
 
@@ -31,6 +38,11 @@ class Task:
     name = "score"
     per_token = False
     fields: Optional[Dict[str, str]] = None
+
+    @property
+    def needs_per_token(self) -> bool:
+        """Whether its results must carry the per-token values (its outputs, or a variant computed from them)."""
+        return self.per_token
 
     def examples(self, row: Dict[str, Any]) -> Tuple[List[TextExample], Any]:
         return layouts.score_examples(row), None
@@ -49,8 +61,27 @@ class Task:
 
 
 class ScoreTask(Task):
-    def __init__(self, per_token: bool = False):
+    """``score``'s rows: ``reward`` and ``reward_mean`` by the model's options, or by ``variant`` (a reward variant of
+    :mod:`endokern.variants` from the same forward pass, at the model's ``alpha``)."""
+
+    def __init__(self, per_token: bool = False, variant: Optional[Variant] = None, alpha: float = 1.0):
         self.per_token = per_token
+        self.variant = variant
+        self.alpha = alpha
+
+    @property
+    def needs_per_token(self) -> bool:
+        return self.per_token or self.variant is not None
+
+    def outputs(self, row, index, state, results):
+        streams = super().outputs(row, index, state, results)
+        if self.variant is not None:
+            out, result = streams["output"][0], results[0]
+            mean = Variant(self.variant.name + "-mean", self.variant.kind, self.variant.gamma, self.variant.terminal,
+                           "mean")
+            out["reward"] = variant_score(result, self.variant, self.alpha)
+            out["reward_mean"] = variant_score(result, mean, self.alpha)
+        return streams
 
 
 class CompareTask(Task):
@@ -143,7 +174,7 @@ def stream(rm: EndoRM, task: Task, settings: Settings, writer: RunWriter) -> Run
 
     ``settings`` gives the text options (template, system, append_eos, max_length), the shard, ``limit``,
     ``chunk_rows`` and ``progress``. The bar counts committed rows, and the tokens the model ran per second."""
-    encoder = rm.encoder(settings.template, system=settings.system, append_eos=settings.append_eos)
+    scorer = RowScorer.for_settings(rm, settings, task)
     stats = RunStats(resumed_from=writer.rows_done)
     if writer.complete:
         return stats
@@ -160,7 +191,7 @@ def stream(rm: EndoRM, task: Task, settings: Settings, writer: RunWriter) -> Run
             chunk = list(itertools.islice(rows, settings.chunk_rows))
             if not chunk:
                 break
-            streams = _run_chunk(rm, task, encoder, chunk, settings.max_length, bar, stats)
+            streams = _run_chunk(scorer, chunk, bar, stats)
             writer.commit(streams, rows_consumed=len(chunk))
             stats.rows += len(chunk)
             stats.errors += len(streams.get("errors", []))
@@ -176,8 +207,8 @@ def stream(rm: EndoRM, task: Task, settings: Settings, writer: RunWriter) -> Run
     return stats
 
 
-def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, List[dict]]:
-    """:func:`process_chunk` with a progress bar that counts whole rows."""
+def _run_chunk(scorer: "RowScorer", chunk, bar, stats) -> Dict[str, List[dict]]:
+    """:meth:`RowScorer.score_chunk` with a progress bar that counts whole rows."""
     pending = [0.0]  # rows' worth of scored examples not yet shown (the bar shows whole rows)
 
     def progress(n_examples: int, n_tokens: int, rows_per_example: float) -> None:
@@ -188,22 +219,125 @@ def _run_chunk(rm, task, encoder, chunk, max_length, bar, stats) -> Dict[str, Li
             bar.bar.update(whole)
             pending[0] -= whole
 
-    return process_chunk(rm, task, encoder, chunk, max_length, stats=stats, progress=progress)
+    return scorer.score_chunk(chunk, stats=stats, progress=progress).streams()
 
 
 @dataclass
 class PreparedChunk:
-    """A chunk's rows after parsing, encoding and length checks, before the model runs: the rows that failed (error
-    rows, in input order), the rows to score with the slots of their examples in ``to_score``, and those examples."""
+    """A chunk's rows after the row checks and encoding, before the model runs: per row, in chunk order, its error
+    row or what scoring it needs (``entries``), and the examples to score (``to_score``)."""
 
-    errors: List[dict]
-    scorable: List[Tuple[InputRow, Dict[str, Any], Any, List[int]]]  # item, row, state, slots in to_score
+    entries: List[Tuple[str, Any]]  # ("error", error row) or ("scorable", (item, row, state, slots in to_score))
     to_score: List[Encoded]
-    rows: int  # rows in the chunk
+
+    @property
+    def rows(self) -> int:
+        return len(self.entries)
+
+    @property
+    def errors(self) -> List[dict]:
+        return [e for kind, e in self.entries if kind == "error"]
+
+    @property
+    def scorable(self) -> List[Tuple[InputRow, Dict[str, Any], Any, List[int]]]:
+        return [e for kind, e in self.entries if kind == "scorable"]
 
     @property
     def rows_per_example(self) -> float:
         return (self.rows - len(self.errors)) / max(len(self.to_score), 1)
+
+
+@dataclass
+class ChunkResult:
+    """A chunk's results: per input row, in chunk order, its rows by output stream (``output``, ``rejected`` or
+    ``errors``)."""
+
+    rows: List[Dict[str, List[dict]]]
+
+    def streams(self) -> Dict[str, List[dict]]:
+        """The rows of each stream, each in input order (what a file run commits)."""
+        out: Dict[str, List[dict]] = {"errors": []}
+        for by_stream in self.rows:
+            for name, rows in by_stream.items():
+                out.setdefault(name, []).extend(rows)
+        return out
+
+    def per_row(self) -> List[dict]:
+        """One result per input row, in order: its first output row (``output`` or ``rejected``), or its error row
+        (``{"row", "id"?, "reason"}``)."""
+        return [(by.get("output") or by.get("rejected") or by["errors"])[0] for by in self.rows]
+
+
+def rows_chunk(rows: Sequence[Any], first: int = 0) -> List[Tuple[InputRow, Optional[str]]]:
+    """A chunk of plain rows (a request's, a trainer's batch): row ``i`` is numbered ``first + i``; one that is not an
+    object becomes an error row."""
+    return [(InputRow(first + i, row, None) if isinstance(row, dict) else
+             InputRow(first + i, None, "row is not a JSON object"), None) for i, row in enumerate(rows)]
+
+
+class RowScorer:
+    """Rows -> results in row order, errors in place: the one path of every front door (see the module doc).
+
+    ``task``: what a row means and what its results become (:class:`ScoreTask` by default); ``template``, ``system``,
+    ``append_eos``: the text template (``rm.encoder``); ``max_length``: longer rows are error rows (as are rows longer
+    than the model's positions). The same chunk gives the same results in any process: its examples are encoded and
+    scored together.
+    """
+
+    def __init__(self, rm: EndoRM, task: Optional[Task] = None, *, template: str = "auto",
+                 system: Optional[str] = None, append_eos: bool = False, max_length: Optional[int] = None):
+        self.rm = rm
+        self.task = task if task is not None else ScoreTask()
+        self.encoder = rm.encoder(template, system=system, append_eos=append_eos)
+        self.max_length = max_length
+
+    @classmethod
+    def for_settings(cls, rm: EndoRM, settings: ModelSettings, task: Optional[Task] = None) -> "RowScorer":
+        """The scorer of ``settings``'s text options (template, system, append_eos, max_length); ``task`` defaults to
+        the command's (:func:`make_task`) for a run's :class:`~endokern.settings.Settings`, else score."""
+        if task is None:
+            task = make_task(settings, rm) if isinstance(settings, Settings) else ScoreTask()
+        return cls(rm, task, template=settings.template, system=settings.system, append_eos=settings.append_eos,
+                   max_length=settings.max_length)
+
+    def prepare(self, chunk: Sequence[Tuple[InputRow, Optional[str]]]) -> PreparedChunk:
+        """Rows -> examples -> token ids, every row that cannot be scored as an error row; runs no model (the
+        server prepares requests while the model scores others)."""
+        return prepare_chunk(self.rm, self.task, self.encoder, chunk, self.max_length)
+
+    def assemble(self, prepared: PreparedChunk, results: Sequence[ScoreResult]) -> ChunkResult:
+        """The task's rows of each scored row (``results[i]`` is ``prepared.to_score[i]``'s), errors in place."""
+        rows: List[Dict[str, List[dict]]] = []
+        for kind, entry in prepared.entries:
+            if kind == "error":
+                rows.append({"errors": [entry]})
+            else:
+                item, row, state, slots = entry
+                rows.append(self.task.outputs(row, item.index, state, [results[s] for s in slots]))
+        return ChunkResult(rows)
+
+    def score_chunk(self, chunk: Sequence[Tuple[InputRow, Optional[str]]], *, stats: Optional[RunStats] = None,
+                    progress: Optional[Callable[[int, int, float], None]] = None) -> ChunkResult:
+        """One chunk of ``(InputRow, subset)`` pairs (as :func:`endokern.io.read_inputs` yields them) through the
+        task. ``stats`` (when given) counts the examples scored and the tokens the model ran;
+        ``progress(examples, tokens, rows_per_example)`` is called after each scored batch."""
+        prepared = self.prepare(chunk)
+        rows_per_example = prepared.rows_per_example
+
+        def report(n_examples: int, n_tokens: int) -> None:
+            if stats is not None:
+                stats.examples += n_examples
+                stats.tokens += n_tokens
+            if progress is not None:
+                progress(n_examples, n_tokens, rows_per_example)
+
+        results = self.rm.score_encoded(prepared.to_score, per_token=self.task.needs_per_token,
+                                        progress=report) if prepared.to_score else []
+        return self.assemble(prepared, results)
+
+    def score_rows(self, rows: Sequence[Any]) -> List[dict]:
+        """Plain rows (dicts) -> one result per row, in order (:meth:`ChunkResult.per_row`)."""
+        return self.score_chunk(rows_chunk(rows)).per_row()
 
 
 def prepare_chunk(
@@ -213,37 +347,42 @@ def prepare_chunk(
     chunk: Sequence[Tuple[InputRow, Optional[str]]],
     max_length: Optional[int] = None,
 ) -> PreparedChunk:
-    """The first half of :func:`process_chunk`: rows -> examples -> token ids, with every row that cannot be parsed,
-    has no usable fields, fails to encode, or is longer than ``max_length`` (or the model's positions) as an error
-    row. Runs no model (the server prepares requests while the model scores others)."""
-    errors: List[dict] = []
-    accepted: List[Tuple[InputRow, Dict[str, Any], Any, int, int]] = []  # item, row, state, first, count
+    """:meth:`RowScorer.prepare`: every row that cannot be parsed, holds text that is not Unicode (a lone surrogate,
+    which a JSON reader lets through), has no usable fields, fails to encode, or is longer than ``max_length`` (or the
+    model's positions) becomes an error row in its place."""
+    entries: List[Tuple[str, Any]] = []
+    accepted: List[Tuple[int, InputRow, Dict[str, Any], Any, int, int]] = []  # entry, item, row, state, first, count
     examples: List[TextExample] = []
     limit = max_length if max_length is not None else rm.max_positions
     max_chars = encoder.max_chars(limit) if limit else None
     for item, subset in chunk:
         if item.error is not None:
-            errors.append(_error(item.index, None, item.error, damaged=item.damaged))
+            entries.append(("error", _error(item.index, None, item.error, damaged=item.damaged)))
+            continue
+        problem = not_unicode(item.row)
+        if problem is not None:
+            entries.append(("error", _error(item.index, item.row, problem)))
             continue
         row = layouts.optional_subset(item.row, subset)
         try:
             row = layouts.map_fields(row, task.fields)
             row_examples, state = task.examples(row)
         except layouts.RowError as err:
-            errors.append(_error(item.index, row, str(err)))
+            entries.append(("error", _error(item.index, row, str(err))))
             continue
         too_long = max_chars is not None and max((text_length(e) for e in row_examples), default=0) > max_chars
         if too_long:  # said before tokenizing: a huge field would take memory far beyond the chunk's
-            errors.append(_error(item.index, row, f"{max(text_length(e) for e in row_examples)} characters, more "
-                                 f"than any text of {limit} tokens holds with this tokenizer (at most {max_chars}); "
-                                 f"longer than {'--max-length' if max_length is not None else 'the model context'}"))
+            entries.append(("error", _error(
+                item.index, row, f"{max(text_length(e) for e in row_examples)} characters, more than any text of "
+                f"{limit} tokens holds with this tokenizer (at most {max_chars}); longer than "
+                f"{'--max-length' if max_length is not None else 'the model context'}")))
             continue
-        accepted.append((item, row, state, len(examples), len(row_examples)))
+        accepted.append((len(entries), item, row, state, len(examples), len(row_examples)))
+        entries.append(("pending", None))
         examples.extend(row_examples)
     encoded = task.encode(encoder, examples) if examples else []
-    scorable: List[Tuple[InputRow, Dict[str, Any], Any, List[int]]] = []
     to_score: List[Encoded] = []
-    for item, row, state, first, count in accepted:
+    for at, item, row, state, first, count in accepted:
         mine = encoded[first : first + count]
         problem = next((e for e in mine if isinstance(e, EncodeError)), None)
         if problem is None and max_length is not None:
@@ -253,52 +392,11 @@ def prepare_chunk(
         if problem is None and rm.max_positions and max(e.length for e in mine) > rm.max_positions:
             problem = f"{max(e.length for e in mine)} tokens, more than the model's {rm.max_positions} positions"
         if problem is not None:
-            errors.append(_error(item.index, row, str(problem)))
+            entries[at] = ("error", _error(item.index, row, str(problem)))
             continue
-        scorable.append((item, row, state, list(range(len(to_score), len(to_score) + count))))
+        entries[at] = ("scorable", (item, row, state, list(range(len(to_score), len(to_score) + count))))
         to_score.extend(mine)
-    return PreparedChunk(errors, scorable, to_score, len(chunk))
-
-
-def process_chunk(
-    rm: EndoRM,
-    task: Task,
-    encoder,
-    chunk: Sequence[Tuple[InputRow, Optional[str]]],
-    max_length: Optional[int] = None,
-    *,
-    stats: Optional[RunStats] = None,
-    progress: Optional[Callable[[int, int, float], None]] = None,
-) -> Dict[str, List[dict]]:
-    """One chunk of input rows through ``task``: the rows of each output stream (``output``, ``errors``, and
-    ``rejected`` for filter), each in input order.
-
-    ``chunk`` holds ``(InputRow, subset)`` pairs as :func:`endokern.io.read_inputs` yields them; ``encoder`` is
-    ``rm.encoder(template, system=..., append_eos=...)``. A row that cannot be parsed, has no usable fields, fails to
-    encode, or is longer than ``max_length`` (or the model's positions) goes to ``errors`` with the reason
-    (:func:`prepare_chunk`). The chunk's examples are encoded and scored together, so the same chunk gives the same
-    results in any process. ``stats`` (when given) counts the examples scored and the tokens the model ran;
-    ``progress(examples, tokens, rows_per_example)`` is called after each scored batch. Used by :func:`stream` and by
-    the Ray engine.
-    """
-    prepared = prepare_chunk(rm, task, encoder, chunk, max_length)
-    rows_per_example = prepared.rows_per_example
-
-    def report(n_examples: int, n_tokens: int) -> None:
-        if stats is not None:
-            stats.examples += n_examples
-            stats.tokens += n_tokens
-        if progress is not None:
-            progress(n_examples, n_tokens, rows_per_example)
-
-    to_score = prepared.to_score
-    results = rm.score_encoded(to_score, per_token=task.per_token, progress=report) if to_score else []
-    streams: Dict[str, List[dict]] = {"errors": prepared.errors}
-    for item, row, state, slots in prepared.scorable:
-        for name, rows_out in task.outputs(row, item.index, state, [results[s] for s in slots]).items():
-            streams.setdefault(name, []).extend(rows_out)
-    # Errors and outputs are both in input order within their own streams.
-    return streams
+    return PreparedChunk(entries, to_score)
 
 
 def text_length(example: TextExample) -> int:
@@ -310,10 +408,35 @@ def text_length(example: TextExample) -> int:
     return n
 
 
+def not_unicode(value: Any, where: str = "") -> Optional[str]:
+    """Why a parsed row is not Unicode text (a string or key holding a lone surrogate such as ``"\\udc00"``, which
+    Python's JSON reader accepts and no tokenizer or UTF-8 writer can take), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"{where or 'a field'} holds a lone surrogate ({ascii(value[err.start])} at character "
+                    f"{err.start}), which is not Unicode text; fix the text's encoding")
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = not_unicode(key, f"a key of {where or 'the row'}") or not_unicode(
+                item, f"{where}.{key}" if where else str(key).encode("utf-8", "backslashreplace").decode())
+            if problem:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            problem = not_unicode(item, f"{where}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
 def _error(index: int, row: Optional[Dict[str, Any]], reason: str, damaged: bool = False) -> dict:
     out: Dict[str, Any] = {"row": index}
     if row is not None and row.get("id") is not None:
-        out["id"] = row["id"]
+        # an id that is not Unicode text is kept, escaped, so the error row can be written
+        out["id"] = row["id"] if not_unicode(row["id"]) is None else ascii(row["id"])
     out["reason"] = reason
     if damaged:
         out["damaged"] = True  # reading the input stopped here: the run fails once the rows before are committed

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from . import io, parts
 from .layouts import summarize_preferences
 from .pipeline import RunStats, make_task, stream
+from .checks import check_environment
 from .settings import Settings, SettingsError, check_top_fraction
 from .tokenization import resolve_template
 
@@ -66,10 +67,10 @@ def paths(settings: Settings) -> Dict[str, str]:
 
 def prepare(settings: Settings) -> Dict[str, str]:
     """Everything that can be checked before a run starts, with nothing created: the options
-    (:meth:`Settings.validate`), the files, device and model they name (:meth:`Settings.check_environment`), and that
+    (:meth:`Settings.validate`), the files, device and model they name (:func:`endokern.checks.check_environment`), and that
     no file the run writes is one of its inputs. Returns the run's files (:func:`paths`); raises
     :class:`~endokern.settings.SettingsError`."""
-    settings.validate().check_environment()
+    check_environment(settings.validate())
     files = paths(settings)
     written = dict(files)
     first = files["scored"] if settings.command == "filter" and settings.top_fraction is not None else files["output"]

@@ -14,7 +14,7 @@ Endpoints:
 - ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text).
 
 Scheduling: request handlers parse and tokenize rows on one encoding thread (the same row -> examples -> token ids
-path and checks as offline runs, :func:`endokern.pipeline.prepare_chunk`), then queue the token ids. One scoring
+path and checks as offline runs, :meth:`endokern.pipeline.RowScorer.prepare`), then queue the token ids. One scoring
 thread owns the model: it takes the oldest request, waits up to ``max_wait_ms`` for others (unless a step's worth of
 tokens is already queued), merges whole requests up to ``step_tokens`` and scores them with one ``score_encoded``
 call, which sorts them by length into forward batches of the model's ``batch_tokens``. So 16 clients sending 4 rows
@@ -45,12 +45,11 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .io import InputRow
 from .model import EndoRM, ScoreResult
-from .pipeline import PreparedChunk, ScoreTask, prepare_chunk
-from .settings import Settings, SettingsError, check_reward
-from .tokenization import Encoded, Encoder
-from .variants import Variant, variant_score
+from .pipeline import ChunkResult, PreparedChunk, RowScorer, ScoreTask, rows_chunk
+from .settings import ModelSettings, SettingsError, check_reward
+from .tokenization import Encoded
+from .variants import Variant
 
 API_KEY_ENV = "ENDOKERN_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -60,7 +59,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 @dataclass
 class ServeOptions:
-    """The server's own options (the model's come from :class:`endokern.settings.Settings`)."""
+    """The server's own options (the model's come from :class:`endokern.settings.ModelSettings`)."""
 
     host: str = field(default="127.0.0.1", metadata=dict(help="address to bind (a non-loopback one without "
                                                              "--api-key prints a warning)"))
@@ -289,16 +288,15 @@ class Batcher:
 class RewardService:
     """What the endpoints do, without HTTP: parse a body, prepare rows, queue them, assemble the answer."""
 
-    def __init__(self, rm: EndoRM, settings: Settings, options: ServeOptions):
+    def __init__(self, rm: EndoRM, settings: ModelSettings, options: ServeOptions):
         self.rm = rm
         self.settings = settings
         self.options = options
         self.metrics = Metrics()
-        self.task = ScoreTask(per_token=False)
-        self.per_token_task = ScoreTask(per_token=True)
-        self.encoder = rm.encoder(settings.template, system=settings.system, append_eos=settings.append_eos)
+        self.scorer = RowScorer.for_settings(rm, settings, ScoreTask())
         # /get_reward's texts are rendered already (the policy's chat markup included): plain text
-        self.plain_encoder = rm.encoder("plain", append_eos=settings.append_eos)
+        self.plain_scorer = RowScorer(rm, ScoreTask(), template="plain", append_eos=settings.append_eos,
+                                      max_length=settings.max_length)
         self.bos_text = getattr(rm.tokenizer, "bos_token", None) if _adds_bos(rm.tokenizer) else None
         # One encoding thread: the fast tokenizer is not shared between threads, and the model thread runs beside it.
         self.encode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="endokern-encode")
@@ -310,12 +308,16 @@ class RewardService:
         self.batcher.close()
         self.encode_pool.shutdown(wait=True)
 
-    async def _prepare(self, rows: Sequence[Any], encoder: Encoder, task: ScoreTask) -> PreparedChunk:
-        chunk = [(InputRow(i, row, None) if isinstance(row, dict) else InputRow(i, None, "row is not a JSON object"),
-                  None) for i, row in enumerate(rows)]
+    async def _prepare(self, rows: Sequence[Any], scorer: RowScorer) -> PreparedChunk:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.encode_pool, prepare_chunk, self.rm, task, encoder, chunk,
-                                          self.settings.max_length)
+        return await loop.run_in_executor(self.encode_pool, scorer.prepare, rows_chunk(rows))
+
+    async def _run(self, rows: Sequence[Any], scorer: RowScorer) -> ChunkResult:
+        """The one row path (:class:`endokern.pipeline.RowScorer`) split around the batcher: prepared on the encoding
+        thread, scored in a merged step, assembled here."""
+        prepared = await self._prepare(rows, scorer)
+        results = await self._score(prepared.to_score, scorer.task.needs_per_token)
+        return scorer.assemble(prepared, results)
 
     async def _score(self, encoded: List[Encoded], per_token: bool) -> List[ScoreResult]:
         if not encoded:
@@ -361,21 +363,12 @@ class RewardService:
         if not isinstance(per_token, bool):
             raise HTTPError(422, "field 'per_token' must be true or false")
         variant = self._variant(body)
-        task = self.per_token_task if per_token else self.task
-        prepared = await self._prepare(rows, self.encoder, task)
-        results = await self._score(prepared.to_score, per_token or variant is not None)
-        answer: List[Optional[Dict[str, Any]]] = [None] * len(rows)
-        for error in prepared.errors:
-            answer[error["row"]] = {"id": error.get("id", error["row"]), "error": error["reason"]}
-        for item, row, state, slots in prepared.scorable:
-            out = task.outputs(row, item.index, state, [results[s] for s in slots])["output"][0]
-            if variant is not None:
-                result = results[slots[0]]
-                out["reward"] = variant_score(result, variant, self.rm.alpha)
-                out["reward_mean"] = variant_score(result, Variant("mean", "reward", variant.gamma, variant.terminal,
-                                                                   "mean"), self.rm.alpha)
-            answer[item.index] = out
-        self.metrics.rows_done(len(rows), len(prepared.errors))
+        scorer = self.scorer
+        if per_token or variant is not None:
+            scorer = RowScorer.for_settings(self.rm, self.settings, ScoreTask(per_token, variant, self.rm.alpha))
+        answer = (await self._run(rows, scorer)).per_row()
+        answer = [{"id": r.get("id", r["row"]), "error": r["reason"]} if "reason" in r else r for r in answer]
+        self.metrics.rows_done(len(rows), sum("error" in r for r in answer))
         return {"results": answer}
 
     def _variant(self, body: Dict[str, Any]) -> Optional[Variant]:
@@ -411,15 +404,13 @@ class RewardService:
                 query, prompt = query[len(bos):], prompt[len(bos):]
             rows.append({"prompt": prompt, "response": query[len(prompt):]})
         if not errors:
-            prepared = await self._prepare(rows, self.plain_encoder, self.task)
+            prepared = await self._prepare(rows, self.plain_scorer)
             errors = [{"index": e["row"], "error": e["reason"]} for e in prepared.errors]
         if errors:
             self.metrics.rows_done(len(rows), len(errors))
             raise HTTPError(422, {"message": f"{len(errors)} of {len(rows)} queries cannot be scored", "errors": errors})
         results = await self._score(prepared.to_score, False)
-        rewards = [0.0] * len(rows)
-        for item, _, _, slots in prepared.scorable:
-            rewards[item.index] = results[slots[0]].reward
+        rewards = [r["reward"] for r in self.plain_scorer.assemble(prepared, results).per_row()]
         self.metrics.rows_done(len(rows), 0)
         return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 
@@ -521,7 +512,7 @@ def create_app(service: RewardService):
     return app
 
 
-def serve(settings: Settings, options: ServeOptions, log: Callable[[str], None] = print) -> None:
+def serve(settings: ModelSettings, options: ServeOptions, log: Callable[[str], None] = print) -> None:
     """Load the model of ``settings`` and serve it until SIGTERM or SIGINT (see the module doc)."""
     import socket
 

@@ -1,10 +1,13 @@
 """The options of a run, once: defaults, validation, command-line arguments and the run key.
 
-:class:`Settings` is the one place an option lives (as vLLM's ``EngineArgs``): :class:`endokern.EndoRM` takes its
-model and reward fields (:meth:`Settings.model_kwargs`), :func:`endokern.runs.run` and the Ray engine take the whole
-object, and the command line builds its arguments from the fields (:meth:`Settings.add_arguments`) and parses them
-back (:meth:`Settings.from_args`). :meth:`Settings.validate` checks every value and raises :class:`SettingsError`
-(a ``ValueError``) with a one-line reason, before any model is loaded or file created.
+The one place an option lives (as vLLM's ``EngineArgs``), in two parts: :class:`ModelSettings`, the model and its
+reward options (what :meth:`endokern.EndoRM.from_settings`, ``serve``, ``explain`` and ``eval`` need), and
+:class:`Settings`, which adds a file run's options (``score | compare | rank | filter``: files, chunks, shards, a
+command's own, the Ray engine) and the run key. The command line builds its arguments from the fields
+(:meth:`ModelSettings.add_arguments`) and parses them back (:meth:`ModelSettings.from_args`); ``validate()`` checks
+every value and raises :class:`SettingsError` (a ``ValueError``) with a one-line reason, before any model is loaded
+or file created. This module imports nothing else of endokern: what the values name on this machine (files,
+devices, models, the hub) is checked by :mod:`endokern.checks`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
-from .assets import DEFAULT_MODEL
-
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the demo's model (endokern.assets fetches it)
 TERMINALS = ("zero", "bootstrap")  # V(s_{H+1}) after the last response token: 0, or the model's value there
 REDUCTIONS = ("sum", "mean")
 TEMPLATES = ("auto", "plain", "chat")
@@ -59,6 +61,31 @@ KEY_ORDER = ("command", "model", "input", "template", "system", "append_eos", "a
              "limit", "engine", "per_token", "min_reward", "top_fraction")
 
 
+# the names --fields maps input columns onto (endokern.layouts reads rows by them)
+FIELD_NAMES = ("prompt", "response", "messages", "chosen", "rejected", "responses", "id", "subset", "response_a",
+               "response_b", "label")
+
+
+def parse_fields(spec: str) -> Dict[str, str]:
+    """``"prompt=question,chosen=answers.good"`` -> ``{"prompt": "question", "chosen": "answers.good"}``; ValueError
+    for an unknown name, a name given twice, or an item that is not NAME=COLUMN."""
+    mapping: Dict[str, str] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, eq, column = (x.strip() for x in item.partition("="))
+        if not eq or not name or not column:
+            raise ValueError(f"{item!r} is not NAME=COLUMN")
+        if name not in FIELD_NAMES:
+            raise ValueError(f"unknown name {name!r}; the names are {', '.join(FIELD_NAMES)}")
+        if name in mapping:
+            raise ValueError(f"{name!r} is mapped twice")
+        mapping[name] = column
+    if not mapping:
+        raise ValueError("give NAME=COLUMN[,NAME=COLUMN...]")
+    return mapping
+
+
 def _opt(default: Any, help: Optional[str] = None, *, group: str, choices: Optional[Sequence[Any]] = None,
          key: Any = False, flag: Optional[str] = None, **argparse_kwargs: Any) -> Any:
     """A field with its command-line flag: ``group`` says which commands have it, ``key`` whether it decides the
@@ -72,17 +99,12 @@ def _opt(default: Any, help: Optional[str] = None, *, group: str, choices: Optio
 
 
 @dataclass
-class Settings:
-    """Every option of ``endokern score | compare | rank | filter`` (and of the model for ``explain`` and ``eval``).
+class ModelSettings:
+    """The model and its reward options: what loading and scoring need (``serve``, ``explain``, ``eval``, and the
+    model part of every file run). Flag groups: ``model`` (the model, its text template, ``alpha``, the batch
+    settings, ``max_length``: every command that loads a model) and ``reward`` (``gamma``, ``terminal``, ``reduce``:
+    not ``eval``, whose variants set them)."""
 
-    Flag groups (which commands have them): ``model`` (the model, its text template, ``alpha``, the engine's batch
-    settings, ``max_length``: every command that loads a model), ``reward`` (``gamma``, ``terminal``, ``reduce``: not
-    ``eval``, whose variants set them), ``run`` (files, chunks, shards, resume: the file commands), a command's own
-    (``score``, ``compare``, ``filter``), and ``ray`` (the Ray engine's resources).
-    """
-
-    command: str = _opt("score", group="-", key=True)
-    # the model
     model: str = _opt(DEFAULT_MODEL, f"a model folder, hub id, .gguf file, or '{DEFAULT_MODEL}' (the default, "
                       "fetched once)", group="model", key=True)
     template: str = _opt("auto", group="model", choices=TEMPLATES, key=True)
@@ -102,6 +124,85 @@ class Settings:
                                        "16384 on CUDA)", group="model", key=True, type=int)
     max_length: Optional[int] = _opt(None, "rows with a longer sequence go to the errors file", group="model",
                                      key=True, type=int)
+
+    def validate(self) -> "ModelSettings":
+        """Check every value; raises :class:`SettingsError`. Returns ``self``."""
+        check_reward(self.alpha, self.gamma, self.terminal, self.reduce)
+        for name, allowed in (("template", TEMPLATES), ("backend", BACKENDS), ("packing", tuple(PACKINGS))):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("batch_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be >= 1")
+        return self
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of :meth:`endokern.EndoRM.from_pretrained` (after the model's name)."""
+        return dict(device=self.device, dtype=self.dtype, alpha=self.alpha, gamma=self.gamma, terminal=self.terminal,
+                    reduce=self.reduce, backend=self.backend, batch_tokens=self.batch_tokens,
+                    packing=PACKINGS[self.packing])
+
+    def model_settings(self) -> "ModelSettings":
+        """The model part alone (of a :class:`Settings`, too)."""
+        return ModelSettings(**{f.name: getattr(self, f.name) for f in fields(ModelSettings)})
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------------ command line
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, groups: Sequence[str] = (), names: Sequence[str] = (),
+                      defaults: Optional[Dict[str, Any]] = None) -> None:
+        """Add the flags of the fields in ``groups`` (``model``, ``reward``, ``run``, a command, ``ray``) and of the
+        fields named in ``names`` to ``parser``; ``defaults`` overrides a field's default for this parser. A field
+        left out keeps its default."""
+        defaults = defaults or {}
+        unknown = set(names) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+        ray_group = None
+        for f in fields(cls):
+            meta = f.metadata
+            if meta.get("group") not in groups and f.name not in names:
+                continue
+            target = parser
+            if meta["group"] == "ray":
+                if ray_group is None:
+                    ray_group = parser.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
+                target = ray_group
+            default = defaults.get(f.name, _default(f))
+            kwargs = dict(meta["argparse"], help=meta["help"])
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                if flag.startswith("--no-"):
+                    kwargs.update(action="store_false", dest=f.name, default=default)
+                else:
+                    kwargs.update(action="store_true", default=default)
+            else:
+                kwargs.update(default=default)
+                if meta["choices"] is not None:
+                    kwargs["choices"] = meta["choices"]
+            target.add_argument(flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any):
+        """The settings of parsed arguments (fields a parser lacks keep their defaults)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class Settings(ModelSettings):
+    """Every option of ``endokern score | compare | rank | filter``: the model's (:class:`ModelSettings`), then
+    ``run`` (files, chunks, shards, resume: the file commands), a command's own (``score``, ``compare``,
+    ``filter``), and ``ray`` (the Ray engine's resources)."""
+
+    command: str = _opt("score", group="-", key=True)
     # the run
     input: List[str] = _opt(["-"], "JSONL, JSONL.gz, JSON, Parquet, or '-' (stdin); several files are read one "
                             "after another", group="run", key=True, nargs="+")
@@ -148,17 +249,11 @@ class Settings:
         """Check every value; raises :class:`SettingsError`. Returns ``self``."""
         if self.command not in COMMANDS:
             raise SettingsError(f"command must be one of {COMMANDS}, got {self.command!r}")
-        check_reward(self.alpha, self.gamma, self.terminal, self.reduce)
-        for name, allowed in (("template", TEMPLATES), ("backend", BACKENDS), ("packing", tuple(PACKINGS)),
-                              ("engine", ENGINES)):
-            if getattr(self, name) not in allowed:
-                raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise SettingsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("batch_tokens", "chunk_rows", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SettingsError(f"--{name.replace('_', '-')} must be >= 1")
+        super().validate()
+        if self.engine not in ENGINES:
+            raise SettingsError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.chunk_rows < 1:
+            raise SettingsError("--chunk-rows must be >= 1")
         if self.limit is not None and self.limit < 0:
             raise SettingsError("--limit must be >= 0")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -169,8 +264,6 @@ class Settings:
         if self.max_error_fraction is not None and not 0 <= self.max_error_fraction <= 1:
             raise SettingsError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.fields is not None:
-            from .layouts import parse_fields
-
             try:
                 parse_fields(self.fields)
             except ValueError as err:
@@ -188,12 +281,10 @@ class Settings:
         return self
 
     def _validate_ray(self) -> None:
-        from .io import OUTPUT_EXTENSIONS
-
         out = self.output.rstrip("/\\") or self.output
         if out == "-":
             raise SettingsError("--engine ray writes a folder of Parquet files; give --output DIR")
-        if out.lower().endswith(tuple(e for e in OUTPUT_EXTENSIONS if e != ".parquet")):
+        if out.lower().endswith((".jsonl", ".ndjson", ".json", ".gz")):  # a file name (a folder may end in .parquet)
             raise SettingsError(f"--engine ray writes a folder of Parquet files, not {out}; give --output DIR")
         if "-" in self.input:
             raise SettingsError("--engine ray reads files, not standard input")
@@ -203,41 +294,7 @@ class Settings:
         if self.num_workers < 1:
             raise SettingsError("--num-workers must be >= 1")
 
-    def check_environment(self) -> "Settings":
-        """Check what the values name on this machine, without creating anything: the inputs exist and are files,
-        the outputs have a known extension, the device and backend run here, the model is a folder with its
-        tokenizer, a known name or a hub id that can be fetched. Raises :class:`SettingsError`. Returns ``self``."""
-        from .io import format_of
-
-        for path in self.input:
-            if path == "-":
-                if _stdin_is_terminal():
-                    raise SettingsError("no --input given and standard input is a terminal: endokern is waiting for "
-                                        "JSON Lines rows there; give --input FILE, or pipe rows in")
-                continue
-            if os.path.isdir(path):
-                raise SettingsError(f"--input {path} is a folder; give the data files in it")
-            if not os.path.exists(path):
-                raise SettingsError(f"--input {path}: no such file")
-            _check_extension("--input", path, format_of)
-        if self.engine == "local":
-            _check_extension("--output", self.output, format_of, writing=True)
-        for flag, path in (("--errors", self.errors), ("--rejected", self.rejected)):
-            if path is not None and not (self.engine == "ray" and flag == "--rejected"):
-                _check_extension(flag, path, format_of, writing=True)
-        if self.plot is not None and not self.plot.lower().endswith(".png"):
-            raise SettingsError(f"--plot {self.plot}: the histogram is a PNG file; name it *.png")
-        check_device(self.device, self.backend)
-        check_model(self.model, self.template)
-        return self
-
     # ------------------------------------------------------------------------------------------------ uses
-
-    def model_kwargs(self) -> Dict[str, Any]:
-        """The keyword arguments of :meth:`endokern.EndoRM.from_pretrained` (after the model's name)."""
-        return dict(device=self.device, dtype=self.dtype, alpha=self.alpha, gamma=self.gamma, terminal=self.terminal,
-                    reduce=self.reduce, backend=self.backend, batch_tokens=self.batch_tokens,
-                    packing=PACKINGS[self.packing])
 
     def run_key(self) -> Dict[str, Any]:
         """The options that decide a run's output (a resume with other values is refused), derived from the fields
@@ -255,174 +312,6 @@ class Settings:
         rank = {name: i for i, name in enumerate(KEY_ORDER)}
         return dict(sorted(key.items(), key=lambda item: rank.get(item[0], len(rank))))
 
-    def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
-
-    # ------------------------------------------------------------------------------------------------ command line
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, groups: Sequence[str],
-                      defaults: Optional[Dict[str, Any]] = None) -> None:
-        """Add the flags of the fields in ``groups`` (``model``, ``reward``, ``run``, a command, ``ray``) to
-        ``parser``; ``defaults`` overrides a field's default for this parser. A group left out keeps its defaults."""
-        defaults = defaults or {}
-        ray_group = None
-        for f in fields(cls):
-            meta = f.metadata
-            if meta.get("group") not in groups:
-                continue
-            target = parser
-            if meta["group"] == "ray":
-                if ray_group is None:
-                    ray_group = parser.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
-                target = ray_group
-            default = defaults.get(f.name, _default(f))
-            kwargs = dict(meta["argparse"], help=meta["help"])
-            flag = meta["flag"] or "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
-                if flag.startswith("--no-"):
-                    kwargs.update(action="store_false", dest=f.name, default=default)
-                else:
-                    kwargs.update(action="store_true", default=default)
-            else:
-                kwargs.update(default=default)
-                if meta["choices"] is not None:
-                    kwargs["choices"] = meta["choices"]
-            target.add_argument(flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "Settings":
-        """The settings of parsed arguments (fields a parser lacks keep their defaults)."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        values.update(overrides)
-        return cls(**values)
-
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-
-# --------------------------------------------------------------------------------------------- the machine's checks
-
-
-def _stdin_is_terminal() -> bool:
-    import sys
-
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, ValueError):  # a replaced or closed stdin
-        return False
-
-
-def _check_extension(flag: str, path: str, format_of, writing: bool = False) -> None:
-    """SettingsError when a data file's format cannot be told from its extension (or, writing, is a bare .json:
-    the outputs are JSON Lines, which a reader of ``.json`` would take for one JSON document)."""
-    try:
-        format_of(path)
-    except ValueError as err:
-        raise SettingsError(f"{flag} {err}") from None
-    lower = path.lower()
-    if writing and path != "-" and lower.endswith((".json", ".json.gz")):
-        raise SettingsError(f"{flag} {path}: endokern writes JSON Lines, one row a line; name it "
-                            f"{path[: -len('.json.gz' if lower.endswith('.gz') else '.json')]}.jsonl"
-                            f"{'.gz' if lower.endswith('.gz') else ''} (or .parquet)")
-
-
-def check_device(device: Optional[str], backend: str = "auto") -> None:
-    """SettingsError when ``device`` is not one torch knows or not present here, or ``backend`` cannot run on it."""
-    import torch
-
-    from .ops.registry import unavailable_reason
-
-    try:
-        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise SettingsError(f"--device {device!r} is not a device (use cpu, cuda, cuda:1 ...)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SettingsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise SettingsError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise SettingsError(f"--device {device}: endokern runs on cpu, cuda or mps")
-    if backend != "auto":
-        reason = unavailable_reason(backend, dev)
-        if reason is not None:
-            raise SettingsError(f"--backend {backend} cannot run on {dev}: {reason}; use --backend auto")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def check_model(name: str, template: str = "auto") -> None:
-    """SettingsError when ``name`` cannot be loaded as given, said before any load: a path that does not exist, a
-    folder without a model or without tokenizer files, ``template='chat'`` with no chat template in the folder, or a
-    name that is neither a local path, a known name, nor a hub id in the local cache or reachable on the hub."""
-    from .assets import MODELS
-
-    if name in MODELS:
-        return
-    if os.path.isdir(name):
-        found = set(os.listdir(name))
-        if "config.json" not in found:
-            raise SettingsError(f"--model {name}: the folder has no config.json, so it holds no Hugging Face model")
-        if not found & set(_TOKENIZER_FILES):
-            raise SettingsError(f"--model {name}: the folder has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
-                                "save the model's tokenizer there (tokenizer.save_pretrained)")
-        if template == "chat" and not _folder_has_chat_template(name):
-            raise SettingsError(f"--template chat: the tokenizer of {name} has no chat template; use --template plain "
-                                "(or auto)")
-        return
-    if name.lower().endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise SettingsError(f"--model {name}: no such GGUF file")
-        return
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name  # a hub id has one /
-    if os.path.exists(name):
-        raise SettingsError(f"--model {name} is a file, not a model folder, a .gguf file or a hub id")
-    if looks_like_path:
-        raise SettingsError(f"--model {name}: no such model folder")
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise SettingsError(f"--model {name!r} is not a local path, a known name ({', '.join(MODELS)}) or a hub id "
-                            "(owner/name)") from None
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
-    if _hub_offline():
-        raise SettingsError(f"--model {name} is not a local path nor a known name ({', '.join(MODELS)}), is not in "
-                            "the Hugging Face cache, and the hub cannot be reached from here; give a model folder")
-
-
-def _folder_has_chat_template(folder: str) -> bool:
-    import json
-
-    if any(os.path.exists(os.path.join(folder, f)) for f in ("chat_template.jinja", "chat_template.json")):
-        return True
-    try:
-        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get("chat_template"))
-    except (OSError, ValueError):
-        return True  # cannot tell here: the loaded tokenizer decides (still before any file is created)
-
-
-def _hub_offline() -> bool:
-    """Whether the Hugging Face hub is out of reach: offline mode set, or no TCP connection within 3 s."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in \
-            ("", "0"):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3):
-            return False
-    except OSError:
-        return True

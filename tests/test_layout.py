@@ -112,6 +112,15 @@ def test_ops_import_nothing_of_the_run_half_and_nothing_imports_the_cli():
     assert "endokern.runs" not in ray and "endokern.cli" not in ray  # an engine, not a command
 
 
+
+def test_settings_and_the_reward_math_are_leaves():
+    """The options import nothing of the package (the machine's checks live in endokern.checks), and the reward math
+    only the options' checks: reading or validating options never loads the model hub, torch or the file layer."""
+    graph = import_graph()
+    assert graph["endokern.settings"] == set(), graph["endokern.settings"]
+    assert graph["endokern.reward"] <= {"endokern.settings"}, graph["endokern.reward"]
+
+
 if __name__ == "__main__":
     g = import_graph()
     for module in sorted(g):

@@ -1,4 +1,5 @@
-"""process_chunk, the unit both engines run: rows -> examples -> one scoring call -> output and error rows."""
+"""RowScorer, the one path of every front door: rows -> examples -> one scoring call -> output and error rows, in row
+order with the errors in place."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from test_cli import sentence
 
 from endokern import EndoRM
 from endokern.io import InputRow
-from endokern.pipeline import CompareTask, FilterTask, RankTask, RunStats, ScoreTask, process_chunk
+from endokern.pipeline import CompareTask, FilterTask, RankTask, RowScorer, RunStats, ScoreTask
 
 
 @pytest.fixture
@@ -37,9 +38,13 @@ def test_outputs_and_errors_in_input_order_with_row_numbers(rm, rng):
     rows[bad[0]] = {"prompt": "no response"}
     rows[bad[1]] = "bad JSON: Expecting value"  # an unparseable line, as the readers report it
     rows[bad[2]] = {"id": "long", "prompt": "the " * 150, "response": " end"}
-    encoder = rm.encoder("plain")
     stats = RunStats()
-    streams = process_chunk(rm, ScoreTask(), encoder, chunk_of(rows, first), max_length=120, stats=stats)
+    scorer = RowScorer(rm, ScoreTask(), template="plain", max_length=120)
+    result = scorer.score_chunk(chunk_of(rows, first), stats=stats)
+    streams = result.streams()
+    per_row = result.per_row()  # one result per row, the error rows in their places
+    assert [("reason" in r) for r in per_row] == [i in bad for i in range(len(rows))]
+    assert [r["row"] for r in per_row if "reason" in r] == [first + b for b in bad]
     assert [e["row"] for e in streams["errors"]] == [first + b for b in bad]
     assert streams["errors"][2]["id"] == "long" and "max-length 120" in streams["errors"][2]["reason"]
     good = [i for i in range(len(rows)) if i not in bad]
@@ -50,19 +55,20 @@ def test_outputs_and_errors_in_input_order_with_row_numbers(rm, rng):
 
 
 def test_each_task_makes_its_rows(rm, rng):
-    encoder = rm.encoder("plain")
     prompt = sentence(rng)
     responses = [" " + sentence(rng) for _ in range(rng.randint(2, 5))]
-    rank = process_chunk(rm, RankTask(), encoder, chunk_of([{"prompt": prompt, "responses": responses}]))["output"]
+    rank_row = {"prompt": prompt, "responses": responses}
+    rank = RowScorer(rm, RankTask(), template="plain").score_chunk(chunk_of([rank_row])).streams()["output"]
     rewards = [r.reward for r in rm.score([prompt] * len(responses), responses, template="plain")]
     assert rank[0]["rewards"] == pytest.approx(rewards, rel=1e-5, abs=1e-5)
     assert rank[0]["best"] == max(range(len(rewards)), key=lambda i: rewards[i])
     pair = {"prompt": prompt, "chosen": responses[0], "rejected": responses[1]}
-    out = process_chunk(rm, CompareTask("plain"), encoder, chunk_of([pair], subset="file"))["output"][0]
+    scorer = RowScorer(rm, CompareTask("plain"), template="plain")
+    out = scorer.score_chunk(chunk_of([pair], subset="file")).streams()["output"][0]
     assert out["subset"] == "file" and out["margin"] == out["reward_chosen"] - out["reward_rejected"]
     cut = sorted(rewards)[len(rewards) // 2]
     rows = [{"prompt": prompt, "response": r, "keep": "me"} for r in responses]
-    streams = process_chunk(rm, FilterTask(cut), encoder, chunk_of(rows))
+    streams = RowScorer(rm, FilterTask(cut), template="plain").score_chunk(chunk_of(rows)).streams()
     assert all(r["reward"] >= cut and r["keep"] == "me" for r in streams["output"])
     assert all(r["reward"] < cut and "min-reward" in r["reason"] for r in streams.get("rejected", []))
     assert len(streams["output"]) + len(streams.get("rejected", [])) == len(rows)

@@ -341,3 +341,40 @@ def test_a_resume_with_another_fields_mapping_is_refused_and_touches_nothing(tmp
     # the same mapping resumes (or finds the run complete) and ends with every row
     assert cli(*args, "--fields", "prompt=q,response=good") == 0
     assert len(read_jsonl(out)) == 6
+
+
+# ------------------------------------------------------------------------------------------------ careless input
+
+
+def test_a_lone_surrogate_makes_its_row_an_error_row_and_the_rest_are_scored(tmp_path, rng, capsys):
+    """Python's JSON reader accepts ``"\\udc00"``, which is no Unicode text: in a text field, a nested field, a key
+    or an id, the row is an error row saying so (its id escaped), and every other row is scored."""
+    good = [{"id": f"g{i}", "prompt": sentence(rng), "response": " " + sentence(rng)} for i in range(4)]
+    bad = [{"id": "b0", "prompt": "the \udc00 cat", "response": " ran"},
+           {"id": "b\ud800x", "prompt": sentence(rng), "response": " " + sentence(rng)},
+           {"id": "b2", "prompt": sentence(rng), "response": " sun", "meta": {"\udfff": 1}},
+           {"id": "b3", "messages": [{"role": "user", "content": "hi \udc80"}, {"role": "assistant", "content": "x"}]}]
+    rows = good + bad
+    rng.shuffle(rows)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json escapes the surrogates as \udcxx
+    out = tmp_path / "out.jsonl"
+    assert cli("score", "--input", src, "--output", out) == 0
+    assert sorted(r["id"] for r in read_jsonl(out)) == sorted(r["id"] for r in good)
+    errors = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert sorted(e["row"] for e in errors) == sorted(i for i, r in enumerate(rows) if r in bad)
+    assert all("lone surrogate" in e["reason"] for e in errors)
+    assert ascii("b\ud800x") in {e.get("id") for e in errors}  # escaped, so the errors file is UTF-8
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+def test_a_parquet_input_that_cannot_be_opened_is_refused_before_any_file(tmp_path, rng, capsys, damage):
+    import pyarrow as pa
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [sentence(rng)], "response": [" " + sentence(rng)]}), src)
+    data = src.read_bytes()
+    src.write_bytes(data[: rng.randint(1, len(data) - 1)] if damage == "truncated" else b"prompt,response\nx,y\n")
+    code, err = refused(capsys, "score", "--input", src, "--output", tmp_path / "out.jsonl")
+    assert code == 2 and "is not a Parquet file" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]

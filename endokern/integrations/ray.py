@@ -7,7 +7,7 @@ Two ways in:
   chunk of ``chunk_rows`` input rows, resumable, with the same ids, values and errors file as one process.
 - :class:`Scorer`, a callable class for ``ray.data.Dataset.map_batches`` in a user's own pipeline: each actor loads
   the model once and turns batches of input rows into output rows through the command's task, with the same
-  tokenization and per-row errors (:func:`endokern.pipeline.process_chunk`)::
+  tokenization and per-row errors (:class:`endokern.pipeline.RowScorer`)::
 
       ds = ray.data.read_parquet("rows/")
       scored = ds.map_batches(Scorer, fn_constructor_kwargs={"model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -30,7 +30,7 @@ under 32 MiB per task; gzip files and JSON arrays are read by one task per file.
 inputs need not be visible to the other nodes; the actors get the rows through Ray's object store.
 
 Scoring. :class:`Scorer` actors (a fixed pool of ``num_workers``, ``num_gpus`` each) score each chunk as one unit
-with :func:`endokern.pipeline.process_chunk`, as a single process does with the same ``chunk_rows``: the same chunk
+with :class:`endokern.pipeline.RowScorer`, as a single process does with the same ``chunk_rows``: the same chunk
 gives the same batches, hence the same floats.
 
 Writing. Only the driver writes, through :class:`endokern.parts.PartsWriter`: as each chunk's results come back it
@@ -64,7 +64,7 @@ from .. import io as eio
 from ..io import Chunk, FilePlan, InputRow, plan_inputs
 from ..model import EndoRM, progress_bar
 from ..parts import STATE_DIR, PartsWriter
-from ..pipeline import RunStats, make_task, process_chunk
+from ..pipeline import RowScorer, RunStats, make_task
 from ..settings import Settings, SettingsError
 
 __all__ = ["Scorer", "connect", "execute"]
@@ -106,9 +106,7 @@ class Scorer:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.rm = EndoRM.from_settings(settings)
-        self.task = make_task(settings, self.rm, keep_scored=keep_scored)
-        self.encoder = self.rm.encoder(settings.template, system=settings.system, append_eos=settings.append_eos)
-        self.max_length = settings.max_length
+        self.scorer = RowScorer.for_settings(self.rm, settings, make_task(settings, self.rm, keep_scored=keep_scored))
         self.index_column = index_column
 
     def __call__(self, batch: Any) -> pa.Table:
@@ -124,7 +122,7 @@ class Scorer:
         else:
             indexes = list(range(len(rows)))
         chunk = [(InputRow(i, row, None), None) for i, row in zip(indexes, rows)]
-        streams = process_chunk(self.rm, self.task, self.encoder, chunk, self.max_length)
+        streams = self.scorer.score_chunk(chunk).streams()
         out = [dict(r, stream=name) for name in ("output", "rejected", "errors") for r in streams.get(name, [])]
         if not out:
             return pa.table({"stream": pa.array([], pa.string())})
@@ -147,7 +145,7 @@ class Scorer:
                 row, error = pickle.loads(payloads[i])
                 items.append((InputRow(rows[i], row, error), subsets[i]))
             stats = RunStats()
-            streams = process_chunk(self.rm, self.task, self.encoder, items, self.max_length, stats=stats)
+            streams = self.scorer.score_chunk(items, stats=stats).streams()
             result = {"streams": streams, "examples": stats.examples, "tokens": stats.tokens}
             out["_chunk"].append(c)
             out["_first"].append(rows[positions[0]])

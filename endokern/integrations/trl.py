@@ -61,6 +61,7 @@ class EndogenousReward:
         backoff: float = 0.5,
         name: str = "endogenous_reward",
     ):
+        from ..pipeline import RowScorer, ScoreTask
         from ..settings import check_reward
         from ..variants import Variant
 
@@ -75,15 +76,16 @@ class EndogenousReward:
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.__name__ = name
         self.options = {k: v for k, v in (("gamma", gamma), ("terminal", terminal), ("reduce", reduce)) if v is not None}
-        self.variant = None
-        self.encoder = None
+        self.scorer = None
         if rm is not None:
-            self.encoder = rm.encoder(template, system=system, append_eos=append_eos)
+            variant = None
             if self.options:
                 g, t, r = self.options.get("gamma", rm.gamma), self.options.get("terminal", rm.terminal), \
                     self.options.get("reduce", rm.reduce)
                 check_reward(rm.alpha, g, t, r)
-                self.variant = Variant("trl", "reward", float(g), t, r)
+                variant = Variant("trl", "reward", float(g), t, r)
+            self.scorer = RowScorer(rm, ScoreTask(variant=variant, alpha=rm.alpha), template=template, system=system,
+                                    append_eos=append_eos, max_length=max_length)
         elif (template, system, append_eos, max_length) != ("auto", None, False, None):
             raise ValueError("template, system, append_eos and max_length are the server's own options "
                              "(endokern serve --template ...); leave them out with url")
@@ -118,22 +120,7 @@ class EndogenousReward:
     # ------------------------------------------------------------------------------------------------ local
 
     def _score_local(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        from ..io import InputRow
-        from ..pipeline import ScoreTask, prepare_chunk
-        from ..variants import variant_score
-
-        chunk = [(InputRow(i, row, None), None) for i, row in enumerate(rows)]
-        prepared = prepare_chunk(self.rm, ScoreTask(), self.encoder, chunk, self.max_length)
-        scored = self.rm.score_encoded(prepared.to_score, per_token=self.variant is not None) \
-            if prepared.to_score else []
-        out: List[Dict[str, Any]] = [{} for _ in rows]
-        for error in prepared.errors:
-            out[error["row"]] = {"error": error["reason"]}
-        for item, _, _, slots in prepared.scorable:
-            result = scored[slots[0]]
-            reward = result.reward if self.variant is None else variant_score(result, self.variant, self.rm.alpha)
-            out[item.index] = {"reward": reward}
-        return out
+        return [{"error": r["reason"]} if "reason" in r else r for r in self.scorer.score_rows(rows)]
 
     # ------------------------------------------------------------------------------------------------ remote
 

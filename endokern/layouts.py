@@ -32,8 +32,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from .settings import FIELD_NAMES, parse_fields  # noqa: F401  (the syntax of --fields; FIELD_NAMES read here)
+from .settings import FIELD_NAMES, parse_fields  # the syntax of --fields (re-exported: layouts read rows by it)
 from .tokenization import TextExample
+
+__all__ = ["FIELD_NAMES", "HH_ASSISTANT", "Preference", "RowError", "grid_accuracy", "map_fields", "optional_subset",
+           "parse_fields", "preference_examples", "preference_output", "rank_examples", "rank_output", "row_id",
+           "score_examples", "summarize_preferences", "win"]
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")

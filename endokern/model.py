@@ -22,6 +22,8 @@ from .reward import IGNORE_INDEX, ResponseRows, sequence_rewards
 from .settings import ModelSettings, SettingsError, check_reward
 from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
 
+__all__ = ["DEFAULT_BATCH_TOKENS", "EndoRM", "LMHead", "ScoreResult", "progress_bar"]
+
 # Tokens per forward batch (padding included). On CPU, batches past about a thousand tokens run slower per
 # token (SmolLM2-135M, fp32, 2 cores, 16 LLMBar sequences: 12.0 s at 8192 against 5.4 s at 1024);
 # GPUs want large batches to fill the device.

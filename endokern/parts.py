@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 
 from .io import Chunk, atomic_write, check_run_key, read_state, table_from_rows, write_rows
 
+__all__ = ["JOURNAL", "PartsWriter", "RUN_FILE", "STATE_DIR", "VERSION", "clear_parts", "part_files", "part_name",
+           "read_parts", "split_parts", "write_part"]
+
 STATE_DIR = "_endokern"  # inside the output folder; '_' makes Parquet dataset readers skip it
 RUN_FILE = "run.json"
 JOURNAL = "progress.jsonl"

@@ -19,6 +19,10 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
+__all__ = ["BACKENDS", "COMMANDS", "DEFAULT_MODEL", "DTYPES", "ENGINES", "FIELD_NAMES", "KEY_ORDER", "KEY_WHEN_SET",
+           "ModelSettings", "PACKINGS", "REDUCTIONS", "Settings", "SettingsError", "TEMPLATES", "TERMINALS",
+           "check_reward", "check_top_fraction", "parse_fields"]
+
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the demo's model (endokern.assets fetches it)
 TERMINALS = ("zero", "bootstrap")  # V(s_{H+1}) after the last response token: 0, or the model's value there
 REDUCTIONS = ("sum", "mean")

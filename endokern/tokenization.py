@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
+__all__ = ["EncodeError", "Encoded", "Encoder", "TEMPLATES", "TextExample", "end_of_turn_ids", "has_chat_template",
+           "resolve_template"]
+
 TEMPLATES = ("auto", "plain", "chat")
 
 

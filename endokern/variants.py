@@ -31,6 +31,8 @@ from typing import List, Sequence
 from .model import ScoreResult
 from .settings import check_reward
 
+__all__ = ["DEFAULT_VARIANTS", "ONE_PASS", "Variant", "parse_variant", "parse_variants", "variant_score"]
+
 ONE_PASS = ("paper", "mean", "bootstrap", "gamma=0.93", "loglik", "loglik-mean")
 DEFAULT_VARIANTS = ONE_PASS + ("judge",)
 

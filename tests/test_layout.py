@@ -121,6 +121,38 @@ def test_settings_and_the_reward_math_are_leaves():
     assert graph["endokern.reward"] <= {"endokern.settings"}, graph["endokern.reward"]
 
 
+
+def test_the_integrations_use_only_the_stated_public_surface():
+    """What endokern.integrations.* take from the package is in the ``__all__`` of the module they take it from: the
+    surface the integrations stand on is stated, and an internal can change without breaking one."""
+    import importlib
+
+    folder = os.path.join(PACKAGE, "integrations")
+    used = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py") or name == "__init__.py":
+            continue
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        aliases = {}  # ``from .. import io as eio``: eio.<name> counts as a use of endokern.io's <name>
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                for a in node.names:
+                    if node.module:
+                        used.append((name, "endokern." + node.module, a.name))
+                    else:
+                        aliases[a.asname or a.name] = "endokern." + a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                used.append((name, aliases[node.value.id], node.attr))
+    assert used
+    for where, module, attr in used:
+        public = getattr(importlib.import_module(module), "__all__", None)
+        assert public is not None, f"{module} (used by integrations/{where}) states no __all__"
+        assert attr in public, f"integrations/{where} uses {module}.{attr}, which is not in its __all__"
+
+
 if __name__ == "__main__":
     g = import_graph()
     for module in sorted(g):

@@ -99,10 +99,18 @@ GPU_CANDIDATES = {
 }
 
 
-def kernel_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
-    """One fixed config per device kind and dtype; never a function of N (row independence)."""
+def kernel_config(device: torch.device, dtype: torch.dtype, wide_loads: bool = True) -> KernelConfig:
+    """One fixed config per device kind, dtype and operand layout; never a function of N (row independence)."""
     if device.type == "cpu":  # interpreter: small tiles keep numpy fast and exercise every mask
         return KernelConfig(16, 32, 16, 8, 1, 1, broadcast_dot=True)
+    if not wide_loads:
+        # D or a row stride not a multiple of 16, or a K stride other than 1 (a transposed head): the loads can be
+        # neither 16-byte vectors nor cp.async, so the software pipeline holds them in registers and the default
+        # tiles spill (64x256: 432-440 B of stack in bf16 on sm_90). Smaller tiles, fewer stages, no spills on sm_80
+        # or sm_90 with Triton 3.6 and 3.9 (benchmarks/NOTES.md). Padding D instead would copy the head (V x D).
+        if dtype == torch.float32:
+            return KernelConfig(64, 128, 16, 64, 8, 1)
+        return KernelConfig(64, 128, 32, 64, 8, 2)
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 64, 8, 3)  # ieee fp32 (or tf32) dot: no spills on sm_80 or sm_90
     return GPU_CANDIDATES["default"]
@@ -287,6 +295,18 @@ if triton is not None:
             tl.store(entropy_ptr + rows64, (log2_sum - total_ent / total_sum) * 0.6931471805599453, mask=row_ok)
 
 
+def aligned_operand(x: torch.Tensor) -> bool:
+    """Whether Triton's JIT will see an operand whose tiles load as aligned 16-byte vectors (what it specializes:
+    unit K stride, a row stride and D divisible by 16, a 16-byte aligned base)."""
+    return (x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.shape[1] % 16 == 0
+            and (x.device.type == "meta" or x.data_ptr() % 16 == 0))
+
+
+def launch_config(hidden: torch.Tensor, weight: torch.Tensor) -> KernelConfig:
+    """The config soft_values launches for these operands (a row slice keeps its batch's layout, so its config)."""
+    return kernel_config(hidden.device, hidden.dtype, aligned_operand(hidden) and aligned_operand(weight))
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -302,7 +322,7 @@ def forward(
     v = weight.shape[0]
     device = hidden.device
     interpreting = triton_interpreting()
-    cfg = config or kernel_config(device, hidden.dtype)
+    cfg = config or launch_config(hidden, weight)
     num_splits = triton.cdiv(v, cfg.split_size)
     row_blocks = triton.cdiv(n, cfg.block_m)
 

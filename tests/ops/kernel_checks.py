@@ -116,16 +116,18 @@ def transposed_past_2_31(gen, device, operand="weight", dtype=torch.bfloat16, n=
                           label=f"transposed {operand}, stride {stride}")
 
 
-def _config(config, device, dtype):
-    """A launch config: a GPU_CANDIDATES name, a KernelConfig, or None (what soft_values uses on this device)."""
+def _config(config, device, dtype, d=64):
+    """A launch config: a GPU_CANDIDATES name, a KernelConfig, or None (what soft_values uses for row-major
+    operands of this D on this device)."""
     if isinstance(config, str):
         return triton_backend.GPU_CANDIDATES[config]
-    return config or triton_backend.kernel_config(torch.device(device), dtype)
+    return config or triton_backend.kernel_config(torch.device(device), dtype, wide_loads=d % 16 == 0)
 
 
 def splits_against_oracle(gen, device, dtype=torch.bfloat16, config=None, n=333, d=200):
-    """Two full vocabulary splits and a third whose last tile is partial; bias, softcap, entropy, alpha != 1."""
-    cfg = _config(config, device, dtype)
+    """Two full vocabulary splits and a third whose last tile is partial; bias, softcap, entropy, alpha != 1.
+    With config None: D = 200 runs the config for D not a multiple of 16, D = 256 the default."""
+    cfg = _config(config, device, dtype, d)
     assert not cfg.mainloop_only
     v = 2 * cfg.split_size + (cfg.split_tiles // 2) * cfg.block_n + cfg.block_n // 2 + 1
     hidden, weight, targets, bias = _draw(gen, n, d, v)
@@ -142,7 +144,7 @@ def splits_against_oracle(gen, device, dtype=torch.bfloat16, config=None, n=333,
 def mainloop_probe(gen, device, dtype=torch.bfloat16, config="mainloop", n=70, d=72):
     """The timing probe runs every tile of every split: its value is alpha * logsumexp over the splits of
     (the split's max raw logit) / alpha (bias and softcap ignored): not a soft value."""
-    cfg = _config(config, device, dtype)
+    cfg = _config(config, device, dtype, d)
     assert cfg.mainloop_only
     v = 2 * cfg.split_size + cfg.block_n // 2 + 1
     hidden, weight, _, bias = _draw(gen, n, d, v)
@@ -163,7 +165,7 @@ def mainloop_probe(gen, device, dtype=torch.bfloat16, config="mainloop", n=70, d
 
 def row_alone_bitwise(gen, device, dtype=torch.bfloat16, config=None, n=4096, d=256, v=5000):
     """A row alone (and in a reordered sub-batch) gives the same bits as in a large batch."""
-    cfg = _config(config, device, dtype)
+    cfg = _config(config, device, dtype, d)
     hidden, weight, targets, bias = _draw(gen, n, d, v)
     hidden, weight = hidden.to(dtype).to(device), weight.to(dtype).to(device)
     targets, bias = targets.to(device), bias.to(device)
@@ -184,8 +186,8 @@ def row_alone_bitwise(gen, device, dtype=torch.bfloat16, config=None, n=4096, d=
 CHECKS = {
     "transposed-weight": lambda g, dev: transposed_past_2_31(g, dev, "weight"),
     "transposed-hidden": lambda g, dev: transposed_past_2_31(g, dev, "hidden"),
-    **{f"splits-{dt}": (lambda g, dev, dt=dt: splits_against_oracle(g, dev, getattr(torch, dt)))
-       for dt in ("float32", "float16", "bfloat16")},
+    **{f"splits-{dt}-d{d}": (lambda g, dev, dt=dt, d=d: splits_against_oracle(g, dev, getattr(torch, dt), d=d))
+       for dt in ("float32", "float16", "bfloat16") for d in (256, 200)},
     "row-alone": lambda g, dev: row_alone_bitwise(g, dev),
     "mainloop-probe": lambda g, dev: mainloop_probe(g, dev),
 }
@@ -207,7 +209,7 @@ def main(argv=None):
     todo = [(name, CHECKS[name]) for name in names if name in CHECKS]
     if "candidates" in names:
         for cand in correct_candidates():
-            todo.append((f"splits[{cand}]", lambda g, dev, c=cand: splits_against_oracle(g, dev, config=c)))
+            todo.append((f"splits[{cand}]", lambda g, dev, c=cand: splits_against_oracle(g, dev, config=c, d=256)))
             todo.append((f"row-alone[{cand}]", lambda g, dev, c=cand: row_alone_bitwise(g, dev, config=c)))
     unknown = [name for name in names if name not in CHECKS and name != "candidates"]
     if unknown:

@@ -61,12 +61,16 @@ def test_splits_against_oracle_interpreter(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, *kernel_checks.correct_candidates()])
+@pytest.mark.parametrize("d", [256, 200])  # 200: not a multiple of 16, another config
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_splits_against_oracle_cuda(gen, dtype, config):
-    if config is not None and dtype == torch.float32:
-        pytest.skip("the candidates are half-precision tiles; fp32 runs its own config")
-    kernel_checks.splits_against_oracle(gen, TEST_DEVICE, dtype, config)
+def test_splits_against_oracle_cuda(gen, dtype, d):
+    kernel_checks.splits_against_oracle(gen, TEST_DEVICE, dtype, d=d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", kernel_checks.correct_candidates())
+def test_candidates_against_oracle_cuda(gen, config):
+    kernel_checks.splits_against_oracle(gen, TEST_DEVICE, torch.bfloat16, config, d=256)
 
 
 @pytest.mark.gpu

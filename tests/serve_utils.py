@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+from limits import HANG_S
 from model_utils import FIXTURE
 
 LINE = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
@@ -16,7 +17,7 @@ class Server:
     """``python -m endokern serve --model FIXTURE --port 0 ARGS``; ``url`` once it listens. Port 0: the system picks a
     free port and the server prints it, so parallel test runs never collide."""
 
-    def __init__(self, *args, env=None, start_timeout=180):
+    def __init__(self, *args, env=None, start_timeout=HANG_S):
         full_env = {k: v for k, v in os.environ.items() if k != "ENDOKERN_API_KEY"}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
@@ -45,7 +46,7 @@ class Server:
                 raise RuntimeError("the server did not start:\n" + "".join(self.log))
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def stop(self, timeout=60):
+    def stop(self, timeout=HANG_S):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from limits import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,7 +23,7 @@ def _run(suite, out):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"benchmarks/{suite}",
          "--benchmark-group-by=group", f"--benchmark-json={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return json.loads(Path(out).read_text())["benchmarks"]

@@ -13,6 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from limits import HANG_S
 from model_utils import FIXTURE, fixture_model
 
 from endokern import EndoRM
@@ -126,7 +127,7 @@ def test_standard_streams(tmp_path, rng):
     lines = "".join(json.dumps(r) + "\n" for r in rows) + "oops\n"
     done = subprocess.run(
         [sys.executable, "-m", "endokern", "score", "--model", FIXTURE, "--input", "-", "--output", "-"],
-        input=lines, capture_output=True, text=True, timeout=120,
+        input=lines, capture_output=True, text=True, timeout=HANG_S,
     )
     assert done.returncode == 0, done.stderr
     out = [json.loads(line) for line in done.stdout.splitlines()]
@@ -255,13 +256,13 @@ def test_a_run_killed_mid_way_resumes_to_the_same_output(tmp_path, rng):
     cmd = [sys.executable, "-m", "endokern", "score", "--model", FIXTURE, "--input", src, "--chunk-rows", "50",
            "--per-token", "--no-progress"]
     reference = tmp_path / "reference.jsonl"
-    subprocess.run(cmd + ["--output", str(reference)], check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + ["--output", str(reference)], check=True, capture_output=True, timeout=HANG_S)
     out = tmp_path / "out.jsonl"
     checkpoint = str(out) + ".progress.json"
     kills = 0
     for _ in range(2):
         proc = subprocess.Popen(cmd + ["--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
+        deadline = time.time() + HANG_S  # it waits for 300 more committed rows, however slow the machine is
         start_rows = _rows_done(checkpoint)
         while time.time() < deadline and proc.poll() is None and _rows_done(checkpoint) < start_rows + 300:
             time.sleep(0.02)
@@ -271,7 +272,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_output(tmp_path, rng):
         proc.wait()
     assert kills >= 1, "the run finished before it could be killed; give it more rows"
     assert 0 < _rows_done(checkpoint) < len(rows) + 1
-    done = subprocess.run(cmd + ["--output", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd + ["--output", str(out)], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert "resuming after" in done.stderr
     assert out.read_bytes() == reference.read_bytes()

@@ -12,6 +12,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from limits import HANG_S
 from model_utils import FIXTURE, fixture_model
 
 from endokern import EndoRM
@@ -181,7 +182,7 @@ def _chromium():
 def _run_chromium(binary, tmp_path, *args):
     cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
            f"--user-data-dir={tmp_path / 'profile'}", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from limits import HANG_S
 
 import endokern.io as eio
 from endokern.io import InputRow, RunWriter, errors_path_for, read_rows, write_rows
@@ -493,7 +494,7 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert _start_child(script, src, ref, 0.0).wait(timeout=60) == 0
+    assert _start_child(script, src, ref, 0.0).wait(timeout=HANG_S) == 0
 
     ckpt = killed / "out.jsonl.progress.json"
     kills = 0
@@ -505,10 +506,10 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path):
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             kills += 1
-        child.wait(timeout=30)
+        child.wait(timeout=HANG_S)
     assert kills >= 2  # the child ran long enough to be killed mid-run
     assert not json.loads(ckpt.read_text())["complete"]
-    assert _start_child(script, src, killed, 0.0).wait(timeout=60) == 0
+    assert _start_child(script, src, killed, 0.0).wait(timeout=HANG_S) == 0
 
     assert json.loads(ckpt.read_text())["complete"]
     assert json.loads(ckpt.read_text())["rows_done"] == 600

@@ -15,6 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from limits import HANG_S
 from model_utils import FIXTURE
 
 from endokern.cli import main
@@ -57,7 +58,7 @@ def refused(capsys, *args, model=FIXTURE):
 # ------------------------------------------------------------------------------------------------ 1: one run at a time
 
 
-def _wait_for(predicate, proc, seconds=300):
+def _wait_for(predicate, proc, seconds=HANG_S):
     deadline = time.time() + seconds
     while time.time() < deadline and proc.poll() is None and not predicate():
         time.sleep(0.02)

@@ -18,7 +18,7 @@ if os.environ.get("ENDOKERN_REQUIRE_SERVE") != "1":
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
-
+from limits import HANG_S
 from model_utils import FIXTURE, fixture_model  # noqa: E402
 from serve_utils import Server  # noqa: E402
 
@@ -60,7 +60,7 @@ def server():
 def post(url, path, body, headers=AUTH, **kwargs):
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(url + path, content=content, headers={"Content-Type": "application/json", **headers},
-                      timeout=kwargs.pop("timeout", 120), **kwargs)
+                      timeout=kwargs.pop("timeout", HANG_S), **kwargs)
 
 
 def offline_score(tmp_path, rows, **options):
@@ -183,7 +183,7 @@ def test_body_size_limit(server, rng):
     assert answer.status_code == 413 and "--max-body-bytes" in answer.text
     # without a Content-Length (chunked), the limit holds while reading
     chunks = iter([json.dumps({"rows": rows}).encode()])
-    answer = httpx.post(server.url + "/score", content=chunks, headers=AUTH, timeout=60)
+    answer = httpx.post(server.url + "/score", content=chunks, headers=AUTH, timeout=HANG_S)
     assert answer.status_code == 413
 
 
@@ -193,14 +193,14 @@ def test_access_needs_the_key_but_health(server, rng):
     wrong = post(server.url, "/score", body, headers={"Authorization": f"Bearer {KEY}x"})
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
     assert post(server.url, "/score", body, headers={"Authorization": f"Basic {KEY}"}).status_code == 401
-    assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
-    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+    assert httpx.get(server.url + "/metrics", timeout=HANG_S).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=HANG_S).json()["status"] == "ok"
     assert post(server.url, "/score", body).status_code == 200
 
 
 def test_metrics_count_requests_rows_and_errors(server, rng):
     def read():
-        text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=30).text
+        text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=HANG_S).text
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -228,7 +228,7 @@ def test_a_client_that_goes_away_does_not_stall_the_others(server, rng):
         post(server.url, "/score", {"rows": good_rows(rng, 40)}, timeout=0.001)
     answer = post(server.url, "/score", {"rows": rows})
     assert answer.status_code == 200 and len(answer.json()["results"]) == 3
-    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+    assert httpx.get(server.url + "/health", timeout=HANG_S).json()["status"] == "ok"
 
 
 def encoded_length(rows):
@@ -237,10 +237,10 @@ def encoded_length(rows):
     return sum(e.length for e in encoder.encode([TextExample(r["prompt"], r["response"]) for r in rows]))
 
 
-def wait_queued(srv, condition, timeout=60):
+def wait_queued(srv, condition, timeout=HANG_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        health = httpx.get(srv.url + "/health", timeout=30).json()
+        health = httpx.get(srv.url + "/health", timeout=HANG_S).json()
         if condition(health):
             return health
         time.sleep(0.02)
@@ -338,7 +338,7 @@ def test_batcher_merges_requests_up_to_the_step(rng):
     for k, r in enumerate(requests):
         assert batcher.submit(r, False, deliver(k)) is not None
     for _ in requests:
-        assert done.acquire(timeout=60)
+        assert done.acquire(timeout=HANG_S)
     assert model.calls == [[e.length for r in requests for e in r]]
     for r, (res, err) in zip(requests, results):
         assert err is None and [x.reward for x in res] == [e.length for e in r]
@@ -356,7 +356,7 @@ def test_batcher_merges_requests_up_to_the_step(rng):
         items = [batcher.submit([Encoded([1], [2] * (s - 1))], False, deliver(0)) for s in sizes]
         items[5].cancelled = True
     for _ in range(len(sizes) - 1):
-        assert done.acquire(timeout=60)
+        assert done.acquire(timeout=HANG_S)
     batcher.close()
     kept = [s for i, s in enumerate(sizes) if i != 5]
     assert [s for call in model.calls for s in call] == kept
@@ -367,6 +367,6 @@ def test_batcher_merges_requests_up_to_the_step(rng):
     failing = Batcher(RecordingModel(fail=True), max_wait_s=0, step_tokens=100, max_queue_tokens=100)
     errors = []
     failing.submit([Encoded([1], [2])], False, lambda res, err: (errors.append(err), done.release()))
-    assert done.acquire(timeout=60)
+    assert done.acquire(timeout=HANG_S)
     failing.close()
     assert isinstance(errors[0], RuntimeError) and "the model failed" in str(errors[0])

@@ -11,6 +11,7 @@ import sys
 import threading
 
 import pytest
+from limits import HANG_S
 from model_utils import FIXTURE, fixture_model
 
 from endokern import EndoRM
@@ -154,7 +155,7 @@ def test_grpo_example_runs_a_few_steps():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, os.path.join(root, "examples", "grpo_endogenous.py"), "--steps", "2",
-                           "--max-completion-length", "12"], capture_output=True, text=True, env=env, timeout=600)
+                           "--max-completion-length", "12"], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 2 and all(math.isfinite(float(line.split("mean reward ")[1].split()[0])) for line in steps)

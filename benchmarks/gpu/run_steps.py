@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,14 +161,14 @@ def main(argv=None):
     parser.add_argument("--commit-file", default=None)
     args = parser.parse_args(argv)
     wall = time.monotonic()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="endokern-gpu-check-"))
-    budget = args.budget or (DRY_BUDGET if args.dry_run else GPU_BUDGET)
     chosen = args.steps.split(",") if args.steps else [s[0] for s in STEPS]
     unknown = [s for s in chosen if s not in [x[0] for x in STEPS]]
     if unknown:
         parser.error(f"--steps: unknown {', '.join(unknown)}; the steps are {', '.join(s[0] for s in STEPS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="endokern-gpu-check-"))
+    budget = args.budget or (DRY_BUDGET if args.dry_run else GPU_BUDGET)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
     env.setdefault("TRITON_CACHE_DIR", str(scratch / "triton-cache"))
     if args.dry_run:
@@ -215,6 +216,8 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 - the rows are what matters
         (out / "summary.md").write_text(f"summary failed: {type(exc).__name__}: {exc}\n")
         print(f"# summary failed: {type(exc).__name__}: {exc}", flush=True)
+    if not args.scratch:  # references and the Triton cache of this run only
+        shutil.rmtree(scratch, ignore_errors=True)
     extra = sorted(p.name for p in out.iterdir() if p.name not in FILES)
     print(f"# gpu check: {failed} step(s) not clean; {time.monotonic() - wall:.0f} s; files: "
           f"{' '.join(f for f in FILES if (out / f).exists())}" + (f"; unexpected: {' '.join(extra)}" if extra else ""),

@@ -89,7 +89,18 @@ def _text(row: Dict[str, Any], name: str, allow_empty: bool = False) -> str:
 
 
 def score_examples(row: Dict[str, Any]) -> List[TextExample]:
-    """``prompt`` + ``response``, or ``messages`` (the last turn is the response)."""
+    """``prompt`` + ``response``, or ``messages`` (the last turn is the response); or token ids where the caller has
+    them: ``response_ids`` after ``prompt_ids`` (both scored as given) or after the ``prompt`` text."""
+    if row.get("response_ids") is not None:
+        if row.get("response") is not None or row.get("messages") is not None:
+            raise RowError("give the response as 'response' text or as 'response_ids', not both")
+        if row.get("prompt_ids") is not None:
+            if row.get("prompt") is not None:
+                raise RowError("give the prompt as 'prompt' text or as 'prompt_ids', not both")
+            return [TextExample(prompt_ids=row["prompt_ids"], response_ids=row["response_ids"])]
+        return [TextExample(prompt=_text(row, "prompt", allow_empty=True), response_ids=row["response_ids"])]
+    if row.get("prompt_ids") is not None:
+        raise RowError("'prompt_ids' goes with 'response_ids' (the ids of the response to score)")
     if "messages" in row and row["messages"] is not None:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:

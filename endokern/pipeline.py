@@ -381,6 +381,7 @@ def prepare_chunk(
         entries.append(("pending", None))
         examples.extend(row_examples)
     encoded = task.encode(encoder, examples) if examples else []
+    vocab = rm.head.weight.shape[0]  # ids given by a caller are checked against it (text always tokenizes inside)
     to_score: List[Encoded] = []
     for at, item, row, state, first, count in accepted:
         mine = encoded[first : first + count]
@@ -389,6 +390,8 @@ def prepare_chunk(
             longest = max(e.length for e in mine)
             if longest > max_length:
                 problem = f"{longest} tokens, more than --max-length {max_length}"
+        if problem is None and max(max(e.prompt_ids + e.response_ids) for e in mine) >= vocab:
+            problem = f"a token id is outside the model's vocabulary [0, {vocab})"
         if problem is None and rm.max_positions and max(e.length for e in mine) > rm.max_positions:
             problem = f"{max(e.length for e in mine)} tokens, more than the model's {rm.max_positions} positions"
         if problem is not None:

@@ -67,7 +67,7 @@ KEY_ORDER = ("command", "model", "input", "template", "system", "append_eos", "a
 
 # the names --fields maps input columns onto (endokern.layouts reads rows by them)
 FIELD_NAMES = ("prompt", "response", "messages", "chosen", "rejected", "responses", "id", "subset", "response_a",
-               "response_b", "label")
+               "response_b", "label", "prompt_ids", "response_ids")
 
 
 def parse_fields(spec: str) -> Dict[str, str]:

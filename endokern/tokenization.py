@@ -49,11 +49,15 @@ Messages = Sequence[Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class TextExample:
-    """One example as text: a prompt and a response, or a conversation whose last turn is the response."""
+    """One example as text: a prompt and a response, or a conversation whose last turn is the response. Token ids
+    stand in for text where a caller has them (what a policy sampled): ``response_ids`` are scored as they are after
+    the prompt (``prompt_ids`` as they are, or ``prompt`` rendered by the template as for a text response)."""
 
     prompt: Optional[str] = None
     response: Optional[str] = None
     messages: Optional[Messages] = None
+    prompt_ids: Optional[Sequence[int]] = None
+    response_ids: Optional[Sequence[int]] = None
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -112,9 +116,56 @@ class Encoder:
         return max_tokens * self._longest_token + 4096
 
     def encode(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
+        by_ids = [i for i, ex in enumerate(examples) if ex.response_ids is not None]
+        if not by_ids:
+            return self._encode_text(examples)
+        out: List[Union[Encoded, EncodeError, None]] = [None] * len(examples)
+        by_text = [i for i, ex in enumerate(examples) if ex.response_ids is None]
+        for i, encoded in zip(by_text, self._encode_text([examples[i] for i in by_text])):
+            out[i] = encoded
+        for i, encoded in zip(by_ids, self._encode_ids([examples[i] for i in by_ids])):
+            out[i] = encoded
+        return out  # type: ignore[return-value]
+
+    def _encode_text(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
         if self.template == "chat":
             return self._encode_chat(examples)
         return self._encode_plain(examples)
+
+    def _encode_ids(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
+        """Examples whose response is token ids: the prompt as ids, or its text as the template renders a prompt
+        (plain: the tokenizer's own special tokens; chat: the conversation with the generation prompt)."""
+        out: List[Union[Encoded, EncodeError, None]] = [None] * len(examples)
+        texts, todo = [], []
+        for i, ex in enumerate(examples):
+            try:
+                response_ids = _ids(ex.response_ids, "response_ids")
+                if ex.response is not None or ex.messages is not None:
+                    raise EncodeError("give the response as text or as response_ids, not both")
+                if ex.prompt_ids is not None:
+                    if ex.prompt is not None:
+                        raise EncodeError("give the prompt as text or as prompt_ids, not both")
+                    out[i] = _checked(_ids(ex.prompt_ids, "prompt_ids"), response_ids)
+                    continue
+                _check_text(ex.prompt, "prompt", allow_empty=True)
+                if self.template == "chat":
+                    system = [] if self.system is None else [{"role": "system", "content": self.system}]
+                    texts.append(self._render(system + [{"role": "user", "content": ex.prompt}], True))
+                else:
+                    if self.system is not None:
+                        raise EncodeError("a system prompt needs a chat template (template='chat')")
+                    texts.append(ex.prompt)
+            except EncodeError as err:
+                out[i] = err
+                continue
+            except Exception as err:  # a template that raises on this conversation
+                out[i] = EncodeError(f"the chat template cannot render this prompt: {err}")
+                continue
+            todo.append((i, response_ids))
+        prompts = self._tokenize(texts, special=self.template != "chat")
+        for (i, response_ids), prompt_ids in zip(todo, prompts):
+            out[i] = _checked(prompt_ids, response_ids)
+        return out  # type: ignore[return-value]
 
     def _encode_plain(self, examples: Sequence[TextExample]) -> List[Union[Encoded, EncodeError]]:
         out: List[Union[Encoded, EncodeError, None]] = [None] * len(examples)
@@ -226,6 +277,15 @@ def _check_text(value, name: str, allow_empty: bool) -> None:
         raise EncodeError(f"{name} must be a string, got {type(value).__name__}")
     if not allow_empty and not value:
         raise EncodeError(f"empty {name}")
+
+
+def _ids(value, name: str) -> List[int]:
+    """A list of token ids (ints >= 0); the model checks the vocabulary's end."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise EncodeError(f"{name} must be a list of integer token ids")
+    if any(t < 0 for t in value):
+        raise EncodeError(f"{name} holds a negative token id")
+    return list(value)
 
 
 def _checked(prompt_ids: List[int], response_ids: List[int]) -> Union[Encoded, EncodeError]:

@@ -8,10 +8,12 @@ import random
 import pytest
 from model_utils import fixture_model
 from test_cli import sentence
+from test_tokenization import chat_tokenizer  # noqa: F401  (a fixture)
 
 from endokern import EndoRM
 from endokern.io import InputRow
 from endokern.pipeline import CompareTask, FilterTask, RankTask, RowScorer, RunStats, ScoreTask
+from endokern.tokenization import TextExample
 
 
 @pytest.fixture
@@ -72,3 +74,30 @@ def test_each_task_makes_its_rows(rm, rng):
     assert all(r["reward"] >= cut and r["keep"] == "me" for r in streams["output"])
     assert all(r["reward"] < cut and "min-reward" in r["reason"] for r in streams.get("rejected", []))
     assert len(streams["output"]) + len(streams.get("rejected", [])) == len(rows)
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_token_id_rows_score_as_their_text_does(rm, rng, template, chat_tokenizer):
+    """What a policy sampled, as ids: ``prompt_ids`` + ``response_ids`` and ``prompt`` + ``response_ids`` give the
+    rewards of the text rows they encode; ids the model cannot take are error rows in their places."""
+    model = rm if template == "plain" else EndoRM(rm.model, chat_tokenizer)
+    texts = [{"prompt": sentence(rng), "response": " " + sentence(rng)} for _ in range(rng.randint(3, 7))]
+    encoded = model.encoder(template).encode([TextExample(t["prompt"], t["response"]) for t in texts])
+    vocab = model.head.weight.shape[0]
+    rows = []
+    for t, e in zip(texts, encoded):
+        rows.append({"prompt_ids": e.prompt_ids, "response_ids": e.response_ids})
+        rows.append({"prompt": t["prompt"], "response_ids": e.response_ids})
+    bad = [{"prompt_ids": [1], "response_ids": [vocab]}, {"prompt_ids": [1], "response_ids": [-1]},
+           {"prompt_ids": [1], "response_ids": [True]}, {"prompt_ids": [1], "response_ids": []},
+           {"prompt": "a", "response": "b", "response_ids": [3]}, {"prompt_ids": [1], "response": " b"}]
+    at = sorted(rng.sample(range(len(rows) + len(bad)), len(bad)))
+    for i, b in zip(at, bad):
+        rows.insert(i, b)
+    scorer = RowScorer(model, ScoreTask(), template=template)
+    got = scorer.score_rows(rows)
+    expected = [r["reward"] for r in scorer.score_rows(texts)]
+    assert [i for i, r in enumerate(got) if "reason" in r] == at
+    good = [r["reward"] for r in got if "reason" not in r]
+    assert good == pytest.approx([x for x in expected for _ in range(2)], rel=1e-5, abs=1e-5)
+    assert "outside the model's vocabulary" in got[at[0]]["reason"] and "negative" in got[at[1]]["reason"]

@@ -31,8 +31,9 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ -n "$OUTDIR" ] || OUTDIR=$(mktemp -d /tmp/endokern-gpu-check.XXXXXX)
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # the interpreter that has torch (the device image's python3)
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}  # Triton's default, said out loud (3.9 warns otherwise)
 SITE=$(mktemp -d /tmp/endokern-gpu-check-site.XXXXXX)
 trap 'rm -rf "$SITE"' EXIT
 for whl in "$WHEELS"/*.whl; do

@@ -45,6 +45,7 @@ def _ok_unless_capped(row):
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     env = {k: v for k, v in os.environ.items() if k not in ("OUT",)}
+    env["PYTHON"] = sys.executable
     start = time.monotonic()
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=run_steps.DRY_BUDGET + 300)
@@ -222,14 +223,16 @@ def test_wheels_are_unpacked_without_pip(tmp_path):
         whl.writestr("liger_kernel/__init__.py", "__version__ = '0.0.0-stand-in'\n")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out), "--wheels", str(wheels),
-                           "--steps", "preflight"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--steps", "preflight"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     liger = json.loads((out / "preflight.json").read_text())["contenders"]["liger"]
     assert liger["import"] and liger["version"] == "0.0.0-stand-in", liger
 
 
 def test_unknown_arguments_are_refused():
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--fast"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--fast"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
     proc = subprocess.run([sys.executable, str(GPU / "run_steps.py"), "--out", "/tmp/x", "--steps", "nope"],
                           capture_output=True, text=True)

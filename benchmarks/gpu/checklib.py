@@ -26,9 +26,8 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(1, _path)
 
-from jsonrows import Skip, StepItems  # noqa: E402
-
 import torch  # noqa: E402
+from jsonrows import Skip, StepItems  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The decisive row: the Llama 3 8B head at N = 32768 (SPEC section 5).

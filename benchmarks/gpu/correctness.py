@@ -169,7 +169,7 @@ def _candidate(ctx, cands, cand, fn_name, *args, **kwargs):
 
 
 def main(argv=None):
-    ctx = ck.setup("correctness", "correctness.jsonl", __doc__.split("\n\n")[0], default_item_cap=40.0, argv=argv)
+    ctx = ck.setup("correctness", "correctness.jsonl", __doc__.split("\n\n")[0], default_item_cap=45.0, argv=argv)
     todo = items(ctx)
     ctx.items.plan(name for name, _ in todo)
     for name, fn in todo:

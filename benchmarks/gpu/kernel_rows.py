@@ -109,7 +109,7 @@ def main(argv=None):
         parser.add_argument("--part", choices=PARTS, required=True)
 
     # The three parts share kernels.jsonl, each as its own step.
-    ctx = ck.setup(lambda args: args.part, "kernels.jsonl", __doc__.split("\n\n")[0], add, default_item_cap=45.0,
+    ctx = ck.setup(lambda args: args.part, "kernels.jsonl", __doc__.split("\n\n")[0], add, default_item_cap=60.0,
                    argv=argv)
     part = ctx.args.part
     todo = plan(ctx, part)
@@ -133,7 +133,8 @@ def main(argv=None):
             cfg = (ck.candidates(ctx.dry).get(name[len("triton["):-1]) if name != "triton"
                    else triton_backend.kernel_config(ctx.device, torch.bfloat16))
             info.update(ck.config_fields(cfg))
-        row = ctx.items.run(f"{label}/{name}", lambda: _guarded(ctx, part, held, name, matmul_ms.get(label)), **info)
+        row = ctx.items.run(f"{label}/{name}", lambda held=held, name=name, label=label: _guarded(
+            ctx, part, held, name, matmul_ms.get(label)), **info)
         if name == "matmul" and row.get("status") == "ok":
             matmul_ms[label] = row["ms_median"]
     if held is not None:

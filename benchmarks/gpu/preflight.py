@@ -179,8 +179,8 @@ def main(argv=None):
     else:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         try:
-            from contenders import device_name
             import torch
+            from contenders import device_name
 
             info["device_name"] = device_name(torch.device("cpu"))
         except Exception as exc:  # noqa: BLE001

@@ -82,7 +82,7 @@ def summarize(folder):
         its = items(rows, step)
         steps = [r for r in rows if r.get("step") == step and r.get("kind") == "step"]
         st = steps[-1] if steps else {"status": "not run"}
-        count = lambda s: sum(1 for r in its.values() if r["status"] == s)  # noqa: E731
+        count = lambda s, its=its: sum(1 for r in its.values() if r["status"] == s)  # noqa: E731
         out.append(f"| {step} | {st['status']} | {fmt(st.get('seconds'), '.0f')} / {fmt(st.get('cap_s'), '.0f')} | "
                    f"{count('ok')} | {count('failed')} | {count('skipped')} |")
     out.append("")
@@ -90,16 +90,18 @@ def summarize(folder):
     corr = items(all_rows["correctness"], "correctness")
     bad = [r for r in corr.values() if r["status"] != "ok"]
     out.append(f"## Correctness: {len(corr) - len(bad)} of {len(corr)} checks passed")
-    out += [f"- {r['item']}: {r['status']}: {short(r.get('reason'), 200)}" for r in bad]
+    out += [f"- {r['item']}: {r['status']}: {short(r.get('reason'), 200)}" for r in bad[:15]]
+    if len(bad) > 15:
+        out.append(f"- ... and {len(bad) - 15} more (correctness.jsonl has every reason)")
     out.append("")
 
     decisive = list(items(all_rows["decisive"], "decisive").values())
     out += ["## Decisive row (bf16)", ""] + kernel_table(decisive) + [""]
-    ok = [r for r in decisive if r["status"] == "ok" and r.get("x_matmul")]
-    if ok:
+    ok = [r for r in decisive if r["status"] == "ok" and r.get("x_matmul") and r.get("rel_err") is not None]
+    if ok:  # the timing probe (no rel_err) is no contender
         best = min(ok, key=lambda r: r["ms_median"])
-        out.append(f"Fastest here: {best['contender']} ({fmt(best['ms_median'])} ms, {fmt(best.get('x_matmul'), '.3f')}x "
-                   "the bare matmul).")
+        out.append(f"Fastest correct contender: {best['contender']} ({fmt(best['ms_median'])} ms, "
+                   f"{fmt(best.get('x_matmul'), '.3f')}x the bare matmul).")
         out.append("")
 
     ablation = list(items(all_rows["ablation"], "ablation").values())

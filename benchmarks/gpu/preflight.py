@@ -2,9 +2,9 @@
 
 Python, torch, triton, CUDA and transformers versions; the device's name, SM count, L2 size, memory (total and
 free) and clocks; whether a C compiler and Python.h exist (Triton builds its launchers with them); Cut
-Cross-Entropy and Liger (imported, or why not); the commit of the tree that ran (from --commit-file, else
-.gpu-check/commit.json written by benchmarks/gpu/stamp_commit.py before the device call, else git); the
-launch configs of GPU_CANDIDATES. Every part that fails says why in the file instead of stopping it.
+Cross-Entropy and Liger (imported, or why not); the commit of the tree that ran (from --commit-file, else git
+where the copy has a working .git, else .gpu-check/commit.json written by benchmarks/gpu/stamp_commit.py before
+the device call); the launch configs of GPU_CANDIDATES. Every part that fails says why in the file instead of stopping it.
 """
 
 from __future__ import annotations
@@ -34,19 +34,24 @@ def run(cmd, timeout=8):
 
 
 def commit(commit_file):
-    candidates = [Path(commit_file)] if commit_file else []
-    candidates.append(ROOT / ".gpu-check" / "commit.json")
-    for path in candidates:
-        if path.exists():
-            info = json.loads(path.read_text())
-            info["source"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-            return info
+    """--commit-file, else git where the tree has a working .git, else the stamp .gpu-check/commit.json that
+    benchmarks/gpu/stamp_commit.py wrote before the device call (a copy of the tree may travel without .git)."""
+    stamp = ROOT / ".gpu-check" / "commit.json"
+    problems = []
+    if commit_file:
+        return {**json.loads(Path(commit_file).read_text()), "source": str(commit_file)}
     if (ROOT / ".git").exists() and shutil.which("git"):
-        from stamp_commit import git_state
+        try:
+            from stamp_commit import git_state
 
-        return {**git_state(), "source": "git"}
-    return {"commit": None, "reason": "no --commit-file, no .gpu-check/commit.json (run benchmarks/gpu/stamp_commit.py "
-            "before the device call and carry .gpu-check) and no .git"}
+            return {**git_state(), "source": "git"}
+        except Exception as exc:  # noqa: BLE001 - a .git without its objects, say
+            problems.append(f"git: {exc}")
+    if stamp.exists():
+        return {**json.loads(stamp.read_text()), "source": str(stamp.relative_to(ROOT))}
+    return {"commit": None, "reason": "no --commit-file, no working .git and no .gpu-check/commit.json (run "
+            "benchmarks/gpu/stamp_commit.py before the device call and carry .gpu-check)" +
+            (f"; {'; '.join(problems)}" if problems else "")}
 
 
 def compiler():

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of the backend ahead of time for a GPU target, on a machine without one.
+"""Compile every Triton kernel of the backend ahead of time for a GPU target, on a machine without one, and check it.
 
 A stand-in Triton driver reports the target (``GPUTarget("cuda", 90, 32)`` for Hopper, 80 for Ampere);
 ``triton_backend.forward`` then runs on ``meta`` tensors (nothing is allocated) and each kernel launch it
@@ -7,10 +7,22 @@ so the arguments, specializations and constexprs are exactly those of a real lau
 kernel's cubin is read with the ``cuobjdump`` that ships in Triton's wheel: registers, stack and local
 memory (spills), shared memory, instruction counts, and whether the matmul uses Hopper's wgmma (HGMMA).
 
-    python benchmarks/triton_compile.py                    # the full matrix, a table
-    python benchmarks/triton_compile.py --json out.json    # also every record as JSON (the CI test reads it)
+    python benchmarks/triton_compile.py                    # the full matrix, a table; exit 1 on any problem
+    python benchmarks/triton_compile.py --json out.json    # also every record and problem as JSON
+    python benchmarks/triton_compile.py --unit --json F    # the few cases tests/ops/test_triton_compile.py asserts
     python benchmarks/triton_compile.py --quick            # fewer cases
     python benchmarks/triton_compile.py --summary out.json # the markdown tables of benchmarks/NOTES.md, from a run
+
+Checks (``problems``): every case compiles; no spills (stack frame and local memory 0; D = N = V = 1 exempt);
+shared memory within the block limit; half inputs use wgmma (HGMMA) on sm_90 and mma.sync (HMMA) on sm_80; the
+two-blocks-per-SM candidate fits two blocks; a TMA candidate has TMA loads (UTMALDG) in its SASS and a
+warp-specialized one more warps than it asked for and ``setmaxnreg``; the full matrix covers every required shape,
+layout and candidate.
+
+Budget: the full matrix is ~480 kernel compiles per Triton (``len(list(cases(False)))`` cases, two kernels each,
+the merge kernel mostly cached): about 9 minutes on an idle 2-core CPU, 20 or more on a busy one. It is a CI step of
+its own in ``.ci/run`` (once per Triton, one at a time; its ``timeout`` only catches a hang), never a unit test; the
+unit tests compile the ``--unit`` subset (~40 cases, 1 to 2 minutes idle) and have no timeout a busy machine can hit.
 
 Run it without ``TRITON_INTERPRET`` (it refuses to run under the interpreter: the JIT then never compiles).
 """
@@ -59,8 +71,13 @@ SHAPES = [
     ("qwen2.5-7b-n8192", 8192, 3584, 152064, None),
     ("gemma2-2b", 8192, 2304, 256000, 30.0),
     ("gemma2-2b-n2048", 2048, 2304, 256000, 30.0),
+    # D not a multiple of 16: another launch config (triton_backend.kernel_config(wide_loads=False)), no spills
+    ("d-not-16", 2048, 4100, 128256, None),
 ]
-QUICK_SHAPES = ["n1", "ones", "sixteens", "stories260k", "llama3-8b", "gemma2-2b"]
+QUICK_SHAPES = ["n1", "ones", "sixteens", "stories260k", "llama3-8b", "gemma2-2b", "d-not-16"]
+# How the operands are stored: "row-major", or "transposed-head" (the head a W.t() view of a [D, V] tensor: K stride
+# V, 64-bit K offsets, the same narrow-load config as D not a multiple of 16).
+LAYOUTS = ("row-major", "transposed-head")
 # (bias, softcap, entropy): plain, everything, and each alone.
 FEATURES = [(False, False, False), (True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 
@@ -153,23 +170,28 @@ def cubin_figures(cubin: bytes, workdir: Path) -> dict:
         "hmma": counts["HMMA"],
         "ex2": sum(1 for op, suffix in ops if op == "MUFU" and suffix.startswith(".EX2")),
         "mma_kinds": mma,
+        "tma_loads": counts["UTMALDG"],  # bulk tensor copies global -> shared (TMA)
+        "setmaxnreg": counts["USETMAXREG"],  # warp-specialized partitions trading registers
     }
 
 
-def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False):
+def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False, layout="row-major"):
     name, n, d, v, cap = shape
     bias_on, softcap_on, entropy_on = features
     dtype = DTYPES[dtype_name]
     meta = dict(device="meta")
     hidden = torch.empty(n, d, dtype=dtype, **meta)
-    weight = torch.empty(v, d, dtype=dtype, **meta)
+    if layout == "transposed-head":
+        weight = torch.empty(d, v, dtype=dtype, **meta).t()
+    else:
+        weight = torch.empty(v, d, dtype=dtype, **meta)
     targets = torch.empty(n, dtype=torch.int64, **meta)
     bias = torch.empty(v, dtype=torch.float32, **meta) if bias_on else None
     softcap = (cap or 30.0) if (softcap_on or cap) else None
     config = triton_backend.GPU_CANDIDATES[config_name] if config_name else None
     record = dict(
         arch=arch, dtype=dtype_name, shape=name, n=n, d=d, v=v, bias=bias_on, softcap=softcap is not None,
-        entropy=entropy_on, config=config_name or "auto", tf32=tf32, triton=triton.__version__,
+        entropy=entropy_on, config=config_name or "auto", tf32=tf32, triton=triton.__version__, layout=layout,
     )
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -183,16 +205,25 @@ def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     seconds = time.perf_counter() - start
-    cfg = config or triton_backend.kernel_config(torch.device("meta"), dtype)
+    cfg = config or triton_backend.launch_config(hidden, weight)
     out = []
     for kernel_name, kernel in launches.compiled:
+        split = kernel_name == "_soft_values_split_kernel"
         out.append(dict(
             record, kernel=kernel_name, error=None, seconds=round(seconds, 2),
             dynamic_shared_bytes=int(kernel.metadata.shared), num_warps=int(kernel.metadata.num_warps),
+            requested_warps=cfg.num_warps if split else None,
             block=f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", num_stages=cfg.num_stages,
+            tma=cfg.tma and split, warp_specialize=cfg.warp_specialize and split,
+            # register budgets the partitions of a warp-specialized kernel set (PTX setmaxnreg), e.g. dec 40, inc 232
+            setmaxnreg_values=sorted({f"{op} {n}" for op, n in re.findall(
+                r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm.get("ptx", ""))}),
             **cubin_figures(kernel.asm["cubin"], WORKDIR),
         ))
     return out
+
+
+SHAPE = {s[0]: s for s in SHAPES}
 
 
 def cases(quick: bool):
@@ -204,43 +235,149 @@ def cases(quick: bool):
                 for feat in features:
                     yield dict(arch=arch, dtype_name=dtype_name, shape=shape, features=feat)
             if dtype_name == "fp32":  # torch.backends.cuda.matmul.allow_tf32 picks tf32 tensor cores
-                yield dict(arch=arch, dtype_name="fp32", shape=SHAPES[6], features=FEATURES[0], tf32=True)
+                yield dict(arch=arch, dtype_name="fp32", shape=SHAPE["llama3-8b"], features=FEATURES[0], tf32=True)
+            for shape in ("llama3-8b", "ragged"):  # a W.t() head: V divisible by 16 or not
+                for feat in FEATURES[:2]:
+                    yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE[shape], features=feat,
+                               layout="transposed-head")
     # The launch-config candidates at the SPEC shape, Hopper, bf16.
     for config_name in triton_backend.GPU_CANDIDATES:
-        for feat in (FEATURES[0], (False, True, True)):
-            yield dict(arch=90, dtype_name="bf16", shape=SHAPES[6], features=feat, config_name=config_name)
+        for feat in (FEATURES[0], (False, True, True), FEATURES[1]):
+            yield dict(arch=90, dtype_name="bf16", shape=SHAPE["llama3-8b"], features=feat, config_name=config_name)
+
+
+def unit_cases():
+    """The subset tests/ops/test_triton_compile.py asserts: per target, N = 1, D = N = V = 1, one split (V <= 8192),
+    the Llama 3 head plain and with every option, D not a multiple of 16, a transposed head; fp16 where its code
+    differs from bf16 (the MMA kind); tf32; and the candidates with their own figures to check (sm_90, bf16)."""
+    everything = (True, True, True)
+    for arch in (90, 80):
+        for dtype_name in ("fp32", "bf16"):
+            for shape in ("n1", "ones", "v8192"):
+                yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE[shape], features=FEATURES[0])
+            for feat in (FEATURES[0], everything):
+                yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE["llama3-8b"], features=feat)
+            yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE["d-not-16"], features=everything)
+            yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE["llama3-8b"], features=everything,
+                       layout="transposed-head")
+        yield dict(arch=arch, dtype_name="fp16", shape=SHAPE["llama3-8b"], features=everything)
+        yield dict(arch=arch, dtype_name="fp32", shape=SHAPE["llama3-8b"], features=FEATURES[0], tf32=True)
+    for config_name in ("tma-ws-128x128", "mainloop", "2-per-sm"):
+        for feat in (FEATURES[0], everything):
+            yield dict(arch=90, dtype_name="bf16", shape=SHAPE["llama3-8b"], features=feat, config_name=config_name)
+
+
+# The CUDA limits a block may use: dynamic shared memory per block (sm_90: 227 KB, sm_80: 163 KB).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+KERNELS = {"_soft_values_split_kernel", "_merge_splits_kernel"}
+
+
+def problems(records, full: bool) -> dict:
+    """What is wrong with a run, by check: {check: [one line per problem]} (every list empty: all good)."""
+    out = collections.defaultdict(list)
+
+    def where(r):
+        return f"sm_{r['arch']} {r['dtype']} {r['shape']} {r['layout']} {r['config']} {r['kernel']}"
+
+    for r in records:
+        if r["error"]:
+            out["compiles"].append(f"{where(r)}: {r['error']}")
+            continue
+        if r["shape"] != "ones" and (r["local_bytes"] or r["stack_bytes"]):  # D = N = V = 1: nobody scores it
+            out["no_spills"].append(f"{where(r)}: {r['stack_bytes']} B stack, {r['local_bytes']} B local")
+        shared = r["dynamic_shared_bytes"] + r["static_shared_bytes"]
+        if shared > SHARED_LIMIT[r["arch"]] or not 0 < r["registers"] <= 255:
+            out["fits"].append(f"{where(r)}: {shared} B shared, {r['registers']} registers")
+        if r["kernel"] == "_soft_values_split_kernel" and r["dtype"] != "fp32":
+            ok = r["hgmma"] > 0 if r["arch"] == 90 else r["hmma"] > 0 and r["hgmma"] == 0
+            if not ok:
+                out["tensor_cores"].append(f"{where(r)}: {r['mma_kinds']}")
+        if r["kernel"] == "_soft_values_split_kernel" and r["config"] == "2-per-sm":
+            if r["registers"] * r["num_warps"] * 32 * 2 > 65536 or 2 * shared > 228 * 1024:
+                out["candidates"].append(f"{where(r)}: two blocks do not fit one SM")
+        if r.get("tma") and not r["tma_loads"]:
+            out["candidates"].append(f"{where(r)}: no TMA load (UTMALDG) in the SASS")
+        if r.get("warp_specialize") and r["arch"] == 90 and not (
+            r["num_warps"] > r["requested_warps"] and r["setmaxnreg"]
+        ):
+            out["candidates"].append(f"{where(r)}: not warp-specialized ({r['num_warps']} warps, "
+                                     f"{r['setmaxnreg']} setmaxnreg)")
+    ok = [r for r in records if not r["error"]]
+    for arch in (80, 90):
+        for dtype in DTYPES:
+            kernels = {r["kernel"] for r in ok if r["arch"] == arch and r["dtype"] == dtype}
+            if kernels != KERNELS:
+                out["coverage"].append(f"sm_{arch} {dtype}: compiled {sorted(kernels)}")
+    if full:
+        missing = {s[0] for s in SHAPES} - {r["shape"] for r in ok}
+        missing |= set(LAYOUTS) - {r["layout"] for r in ok}
+        missing |= set(triton_backend.GPU_CANDIDATES) - {r["config"] for r in ok}
+        if missing:
+            out["coverage"].append(f"never compiled: {sorted(missing)}")
+        features = {(r["bias"], r["softcap"], r["entropy"]) for r in ok if r["shape"] == "llama3-8b"}
+        if len(features) < 5:
+            out["coverage"].append(f"Llama 3 head with only {sorted(features)}")
+    return {check: out.get(check, []) for check in ("compiles", "no_spills", "fits", "tensor_cores", "candidates",
+                                                    "coverage")}
 
 
 WORKDIR = Path(os.environ.get("TMPDIR", "/tmp")) / f"endokern-aot-{os.getpid()}"
 
 
 def summary(data) -> str:
-    """Markdown: the split kernel at the Llama 3 head per target, dtype and options; then the launch candidates."""
-    recs = [r for r in data["records"] if not r["error"] and r["kernel"] == "_soft_values_split_kernel"
-            and r["shape"] == "llama3-8b"]
+    """Markdown: the split kernel at the Llama 3 head per target, dtype and options; the layouts that take the
+    narrow-load config; then the launch candidates (with TMA loads, warps and setmaxnreg)."""
+    split = [r for r in data["records"] if not r["error"] and r["kernel"] == "_soft_values_split_kernel"]
     head = ("| target | dtype | options | tile | registers | spills (B) | shared KB | SASS instructions | MMA | "
             "MUFU.EX2 |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
 
-    def line(r, label):
-        feat = "+".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "plain"
-        mma = f"{r['hgmma']} HGMMA" if r["hgmma"] else (f"{r['hmma']} HMMA" if r["hmma"] else "FMA")
-        shared = (r["dynamic_shared_bytes"] + r["static_shared_bytes"]) / 1024
-        return (f"| sm_{r['arch']} | {r['dtype']} | {feat} | {label} | {r['registers']} | {r['stack_bytes']} | "
-                f"{shared:.0f} | {r['instructions']} | {mma} | {r['ex2']} |")
+    def feat(r):
+        return "+".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "plain"
 
+    def mma(r):
+        return f"{r['hgmma']} HGMMA" if r["hgmma"] else (f"{r['hmma']} HMMA" if r["hmma"] else "FMA")
+
+    def shared(r):
+        return (r["dynamic_shared_bytes"] + r["static_shared_bytes"]) / 1024
+
+    def line(r, label, options=None):
+        return (f"| sm_{r['arch']} | {r['dtype']} | {options or feat(r)} | {label} | {r['registers']} | {r['stack_bytes']} | "
+                f"{shared(r):.0f} | {r['instructions']} | {mma(r)} | {r['ex2']} |")
+
+    def tile(r):
+        return r["block"] + f" s{r['num_stages']}"
+
+    llama = [r for r in split if r["shape"] == "llama3-8b" and r["layout"] == "row-major"]
     out = [f"Triton {data['triton']}, split kernel at N=32768, D=4096, V=128256 (the merge kernel: 32 registers):",
            "", head]
-    out += [line(r, r["block"] + f" s{r['num_stages']}") for r in recs if r["config"] == "auto"]
-    out += ["", f"Launch-config candidates (sm_90, bf16), Triton {data['triton']}:", "", head]
-    out += [line(r, r["config"]) for r in recs if r["config"] != "auto"]
+    out += [line(r, tile(r)) for r in llama if r["config"] == "auto"]
+    narrow = [r for r in split if r["config"] == "auto" and (r["shape"] == "d-not-16" or (
+        r["layout"] == "transposed-head" and r["shape"] == "llama3-8b"))]
+    if narrow:
+        out += ["", f"Narrow loads, Triton {data['triton']}: D = 4100 (not a multiple of 16; N=2048, V=128256) and a "
+                "transposed head (W.t(), D=4096), the config kernel_config(wide_loads=False) picks:", "",
+                head.replace("| options |", "| case, options |")]
+        out += [line(r, tile(r), f"{'D=4100' if r['shape'] == 'd-not-16' else 'W.t()'}, {feat(r)}") for r in narrow]
+    cand_head = ("| target | options | candidate | tile | warps (asked) | registers | spills (B) | shared KB | "
+                 "SASS instructions | MMA | TMA loads (UTMALDG) | setmaxnreg |\n"
+                 "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    out += ["", f"Launch-config candidates (sm_90, bf16, N=32768, D=4096, V=128256), Triton {data['triton']}:", "",
+            cand_head]
+    for r in llama:
+        if r["config"] != "auto":
+            out.append(
+                f"| sm_{r['arch']} | {feat(r)} | {r['config']} | {tile(r)} | {r['num_warps']} ({r['requested_warps']}) | "
+                f"{r['registers']} | {r['stack_bytes']} | {shared(r):.0f} | {r['instructions']} | {mma(r)} | "
+                f"{r.get('tma_loads', 0)} | {', '.join(r.get('setmaxnreg_values', [])) or '-'} |")
     return "\n".join(out)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--summary", type=Path, help="print the markdown tables of a --json file and exit")
-    parser.add_argument("--json", type=Path, help="write every record here")
+    parser.add_argument("--json", type=Path, help="write every record and problem here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (N = 1, V <= 8192, the SPEC heads)")
+    parser.add_argument("--unit", action="store_true", help="only the cases tests/ops/test_triton_compile.py asserts")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(json.loads(args.summary.read_text())))
@@ -248,17 +385,19 @@ def main(argv=None):
     WORKDIR.mkdir(parents=True, exist_ok=True)
     records = []
     start = time.perf_counter()
-    for case in cases(args.quick):
+    todo = list(unit_cases() if args.unit else cases(args.quick))
+    for case in todo:
         records.extend(compile_case(**case))
     elapsed = time.perf_counter() - start
-    print(f"# Triton {triton.__version__}, {len(records)} kernel compiles in {elapsed:.0f} s")
-    cols = ("arch", "dtype", "shape", "config", "kernel", "registers", "local_bytes", "dynamic_shared_bytes",
-            "instructions", "hgmma", "ex2")
+    print(f"# Triton {triton.__version__}, {len(todo)} cases, {len(records)} kernel compiles in {elapsed:.0f} s")
+    cols = ("arch", "dtype", "shape", "layout", "config", "kernel", "registers", "local_bytes", "stack_bytes",
+            "dynamic_shared_bytes", "instructions", "hgmma", "ex2", "tma_loads", "num_warps")
     print(" | ".join(cols) + " | features")
     seen = set()
     for r in records:
         if r["error"]:
-            print(f"{r['arch']} | {r['dtype']} | {r['shape']} | {r['config']} | {r['kernel']} | ERROR {r['error']}")
+            print(f"{r['arch']} | {r['dtype']} | {r['shape']} | {r['layout']} | {r['config']} | {r['kernel']} | "
+                  f"ERROR {r['error']}")
             continue
         feat = ",".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "-"
         key = tuple(r[c] for c in cols if c != "shape") + (feat,)
@@ -266,10 +405,15 @@ def main(argv=None):
             continue
         seen.add(key)
         print(" | ".join(str(r[c]) for c in cols) + f" | {feat}")
+    found = problems(records, full=not (args.unit or args.quick))
+    for check, lines in found.items():
+        for line in lines:
+            print(f"PROBLEM {check}: {line}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(triton=triton.__version__, seconds=elapsed, records=records), indent=1))
-    return 1 if any(r["error"] for r in records) else 0
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, seconds=elapsed, cases=len(todo),
+                                             records=records, problems=found), indent=1))
+    return 1 if any(found.values()) else 0
 
 
 if __name__ == "__main__":

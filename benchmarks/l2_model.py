@@ -122,6 +122,7 @@ def main(argv=None):
         "group 32 (default)": (GPU_CANDIDATES["default"], args.sms),
         "group 64": (GPU_CANDIDATES["default"]._replace(group_m=64), args.sms),
         "2 per SM (64x128), group 32": (GPU_CANDIDATES["2-per-sm"], 2 * args.sms),
+        "TMA + WS 128x128, group 16": (GPU_CANDIDATES["tma-ws-128x128"], args.sms),
     }
     rows = []
     print(f"# L2 {args.l2_mb:g} MB LRU, HBM {args.hbm_tbs:g} TB/s, matmul {args.tflops:g} TFLOP/s, {args.sms} SMs")

@@ -77,7 +77,7 @@ class KernelConfig(NamedTuple):
 
 # Launch configs that the GPU check compiles and times side by side (benchmarks/gpu_check.sh); "default"
 # is what kernel_config returns for half inputs on CUDA. Each compiles for sm_90 with no spills
-# (tests/ops/test_triton_compile.py); benchmarks/NOTES.md has their registers, shared memory and the L2
+# (benchmarks/triton_compile.py, a CI step); benchmarks/NOTES.md has their registers, shared memory and the L2
 # model's traffic, and why 64 x 256 is the default (128 x 128 spills with bias + softcap + entropy; larger
 # tiles spill hundreds of bytes without warp specialization).
 GPU_CANDIDATES = {
@@ -89,8 +89,10 @@ GPU_CANDIDATES = {
     "flatten": KernelConfig(64, 256, 64, 32, 8, 3, group_m=32, flatten=True),
     "128x128": KernelConfig(128, 128, 64, 64, 8, 3, group_m=8),  # the tile before, in the new order
     "2-per-sm": KernelConfig(64, 128, 64, 64, 4, 3, group_m=32),  # 128 threads x 255 registers x 2 fit
-    # TMA operands + warp specialization at 128 rows (wgmma's M per consumer warpgroup is 64, two consumers);
-    # the same 8192-column splits, and group 16 keeps the default's 2048 rows per launch group.
+    # TMA operands + warp specialization at 128 rows: a producer warpgroup issues the TMA loads and two consumer
+    # warpgroups (64 rows each) run wgmma and the epilogue, trading registers with setmaxnreg (40 / 232). Triton
+    # (3.6 to 3.9) warp-specializes a Hopper loop only with num_warps = 4 and descriptors made in the kernel.
+    # The same 8192-column splits; group 16 keeps the default's 2048 rows per launch group.
     "tma-ws-128x128": KernelConfig(128, 128, 64, 64, 4, 3, group_m=16, tma=True, warp_specialize=True),
     # Timing probe, NOT soft values: the default tile's loads and tl.dot with the epilogue cut to one max per
     # tile, so (its time) - (the default's) is the exposed epilogue. Its value is alpha * logsumexp over splits of
@@ -127,7 +129,8 @@ if triton is not None:
     # Sizes other than D are never specialized: Triton's JIT turns an integer argument equal to 1 into a
     # constant (the kernels do int64 arithmetic on them) and compiles another kernel for it, for no gain.
     # D and the strides stay specialized: a unit stride, and D and strides divisible by 16, give the wide,
-    # aligned loads that the software pipeline (cp.async / TMA-free wgmma operands) needs.
+    # aligned loads that the software pipeline (cp.async wgmma operands) needs; operands without them get the
+    # narrow-load config (kernel_config(wide_loads=False)).
     @triton.jit(do_not_specialize=["n_rows", "vocab", "num_splits", "split_size", "group_m"])
     def _soft_values_split_kernel(
         hidden_ptr, weight_ptr, bias_ptr, targets_ptr, partial_ptr,

@@ -71,7 +71,8 @@ def measure_item(ctx, part, held, name, matmul_ms):
         probe = ck.is_probe(cfg)
     fields = {}
     if name == "naive" and ctx.cuda:
-        need = n * v * (2 + 4 + 4 + (8 if cap else 0))  # bf16 logits, their fp32 copy, logsumexp's temporaries
+        # bf16 logits, their fp32 copy, logsumexp's (z - max) and its exp; the softcap's tanh adds two more
+        need = n * v * (2 + 4 + 4 + 4 + (8 if cap else 0))
         free = ck.free_bytes(ctx)
         if need > 0.85 * free:
             raise Skip(f"naive needs about {ck.gib(need)} GiB for its logits; {ck.gib(free)} GiB free")

@@ -40,16 +40,16 @@ from jsonrows import EXIT_CONTEXT_LOST, EXIT_ITEM_HUNG, Rows, read_rows  # noqa:
 # name, script and arguments, result file, cap on the GPU, cap in a dry run (seconds)
 STEPS = [
     ("preflight", ["preflight.py"], "preflight.json", 25, 40),
-    ("compile", ["precompile.py"], "compile.jsonl", 90, 60),
-    ("correctness", ["correctness.py"], "correctness.jsonl", 50, 90),
-    ("decisive", ["kernel_rows.py", "--part", "decisive"], "kernels.jsonl", 75, 40),
-    ("ablation", ["kernel_rows.py", "--part", "ablation"], "kernels.jsonl", 45, 40),
+    ("compile", ["precompile.py"], "compile.jsonl", 90, 90),
+    ("correctness", ["correctness.py"], "correctness.jsonl", 50, 150),
+    ("decisive", ["kernel_rows.py", "--part", "decisive"], "kernels.jsonl", 75, 45),
+    ("ablation", ["kernel_rows.py", "--part", "ablation"], "kernels.jsonl", 45, 45),
     ("l2", ["l2_probe.py"], "probes.jsonl", 20, 30),
-    ("sweep", ["kernel_rows.py", "--part", "sweep"], "kernels.jsonl", 100, 50),
-    ("e2e", ["end_to_end.py"], "e2e.jsonl", 75, 50),
+    ("sweep", ["kernel_rows.py", "--part", "sweep"], "kernels.jsonl", 100, 60),
+    ("e2e", ["end_to_end.py"], "e2e.jsonl", 75, 60),
 ]
 GPU_BUDGET = 500  # seconds for all steps: the device call's timeout_s is 540
-DRY_BUDGET = 400
+DRY_BUDGET = 520  # the dry run's caps on a busy 2-core machine; it usually takes 2 to 4 minutes
 FILES = ["preflight.json", "compile.jsonl", "correctness.jsonl", "kernels.jsonl", "probes.jsonl", "e2e.jsonl",
          "summary.md", "log.txt"]
 MIN_STEP = 8  # a step is not started with fewer seconds than this left in the budget

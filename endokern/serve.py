@@ -2,31 +2,41 @@
 
 Endpoints:
 
-- ``POST /score``: ``{"rows": [{"prompt", "response"} | {"messages"}], "per_token": false}`` ->
+- ``POST /score``: ``{"rows": [{"prompt", "response"} | {"messages"} | {"prompt_ids" | "prompt", "response_ids"}],
+  "per_token": false}`` ->
   ``{"results": [...]}``, one per row in order: the fields of ``endokern score``'s output rows (``id``, ``reward``,
   ``reward_mean``, ``logprob``, ``num_tokens``; with ``per_token``, ``token_rewards`` and ``token_logprobs``), or
   ``{"id", "error"}`` for a row that cannot be scored. Optional ``gamma``, ``terminal``, ``reduce`` pick a reward
   variant for this request (from the same forward pass, :func:`endokern.variants.variant_score`).
 - ``POST /get_reward``: OpenRLHF's remote reward model: ``{"query": [prompt + response texts], "prompts": [prompt
-  texts]}`` -> ``{"rewards": [...], "scores": [...], "extra_logs": {}}``. The texts are already rendered (the
-  policy's chat markup included), so they are tokenized as ``template="plain"`` text: the response is the query after
-  its prompt. Any bad query fails the whole request (422, naming each one): an RL loop must not train on a stand-in.
+  texts], "labels": [...]}`` (``labels`` and other fields are not used) -> ``{"rewards": [...], "scores": [...],
+  "extra_logs": {"errors": [...]}}``. The texts are rendered already (the policy's chat markup included): the query
+  is tokenized once (plain) and split where its prompt ends, so the response is the policy's own tokens; a prompt the
+  query does not start with (OpenRLHF truncates long prompts) is split at their longest common prefix. ``rewards``
+  are the raw endogenous rewards, ``scores`` ``sigmoid(reward_mean / --score-scale)`` in (0, 1) (what OpenRLHF's
+  dynamic filtering reads). A sample that cannot be scored is ``null`` with its reason in ``extra_logs.errors`` and
+  the answer is 200 (OpenRLHF drops a reward silently on any other status); ``--strict`` makes it a 422.
+- ``POST /reward``: slime's remote reward model: one bare ``{"prompt", "response", "label"}`` object ->
+  ``{"reward", "reward_mean"}`` (``null`` with ``error`` for a sample that cannot be scored; ``--strict``: 422).
 - ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text).
 
 Scheduling: request handlers parse and tokenize rows on one encoding thread (the same row -> examples -> token ids
 path and checks as offline runs, :meth:`endokern.pipeline.RowScorer.prepare`), then queue the token ids. One scoring
 thread owns the model: it takes the oldest request, waits up to ``max_wait_ms`` for others (unless a step's worth of
-tokens is already queued), merges whole requests up to ``step_tokens`` and scores them with one ``score_encoded``
-call, which sorts them by length into forward batches of the model's ``batch_tokens``. So 16 clients sending 4 rows
-each run as a few large batches, and a row's reward is its offline reward up to batch-composition rounding.
+tokens is already queued), merges requests up to ``step_tokens`` and scores them with one ``score_encoded`` call,
+which sorts them by length into forward batches of the model's ``batch_tokens``. A request larger than a step is
+queued in pieces of a step, and a request with pieces left waits behind the others, so a 1-row request is never held
+up by all of a 10,000-row one. So 16 clients sending 4 rows each run as a few large batches, and a row's reward is its
+offline reward up to batch-composition rounding.
 
 Limits: a request whose tokens would take the queue past ``max_queue_tokens`` gets 503 with ``Retry-After``; a body
 over ``max_body_bytes`` gets 413 (as does a request too large ever to be queued); malformed JSON 400; wrong fields
 422, naming the problem; rows over ``--max-length`` are per-row errors. With an API key (``--api-key`` or
 ``$ENDOKERN_API_KEY``) every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (compared in constant
-time; 401 otherwise). SIGTERM (uvicorn's graceful shutdown) stops accepting connections, lets the requests in flight
-finish, then stops the scoring thread. A request whose client went away before its turn is dropped from the queue;
-one already being scored does not hold up the others.
+time; 401 otherwise). ``--request-timeout`` bounds a request from arrival to answer (504 past it). Every answer of 400
+or more is logged with its reason. SIGTERM (uvicorn's graceful shutdown) stops accepting connections, gives the
+requests in flight up to ``--shutdown-grace`` seconds, then stops the scoring thread. A request whose client goes away
+is cancelled (499 in the metrics) and its rows leave the queue; one already being scored does not hold up the others.
 """
 
 
@@ -46,6 +56,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .model import EndoRM, ScoreResult
+from .io import InputRow
 from .pipeline import ChunkResult, PreparedChunk, RowScorer, ScoreTask, rows_chunk
 from .settings import ModelSettings, SettingsError, check_reward
 from .tokenization import Encoded
@@ -74,6 +85,15 @@ class ServeOptions:
         help="tokens waiting to be scored; a request past it gets 503 with Retry-After", type=int))
     max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=dict(
         help="largest request body; a larger one gets 413", type=int))
+    request_timeout: Optional[float] = field(default=None, metadata=dict(
+        help="seconds a request may take from arrival to answer; past it, 504 (default: no limit)", type=float))
+    score_scale: float = field(default=1.0, metadata=dict(
+        help="/get_reward's scores are sigmoid(reward_mean / SCALE), in (0, 1); its rewards stay raw", type=float))
+    strict: bool = field(default=False, metadata=dict(
+        help="/get_reward and /reward refuse a request with an unscorable sample (422) instead of answering null "
+             "with the reason", action="store_true"))
+    shutdown_grace: float = field(default=30.0, metadata=dict(
+        help="after SIGTERM, seconds the requests in flight get before the server stops anyway", type=float))
 
     def validate(self) -> "ServeOptions":
         if not 0 <= self.port <= 65535:
@@ -86,6 +106,10 @@ class ServeOptions:
                 raise SettingsError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.api_key is not None and not self.api_key:
             raise SettingsError("--api-key must not be empty")
+        for name in ("request_timeout", "score_scale", "shutdown_grace"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise SettingsError(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
         return self
 
     @classmethod
@@ -184,18 +208,36 @@ class Metrics:
 
 @dataclass
 class Pending:
-    """A request's examples waiting in the queue, and how to hand back its results (or the error)."""
+    """A request's examples waiting in the queue, in pieces of at most a step's tokens (so a large request shares
+    the steps with the small ones behind it), and how to hand back its results (or the error)."""
 
-    encoded: List[Encoded]
+    pieces: Deque[List[Encoded]]
     per_token: bool
     deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None]
-    tokens: int
+    tokens: int  # still queued
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    results: List[ScoreResult] = field(default_factory=list)
+
+
+def split_steps(encoded: Sequence[Encoded], step_tokens: int) -> Deque[List[Encoded]]:
+    """Consecutive pieces of ``encoded`` of at most ``step_tokens`` tokens each (an example longer than a step is a
+    piece of its own)."""
+    pieces: Deque[List[Encoded]] = collections.deque()
+    tokens = 0
+    for e in encoded:
+        if not pieces or (tokens + e.length > step_tokens and pieces[-1]):
+            pieces.append([])
+            tokens = 0
+        pieces[-1].append(e)
+        tokens += e.length
+    return pieces
 
 
 class Batcher:
-    """One thread owns the model and scores merged requests (see the module doc)."""
+    """One thread owns the model and scores merged requests (see the module doc). A step takes the next piece of
+    each waiting request in turn, oldest first, up to ``step_tokens``; a request with pieces left goes behind the
+    others, so a 1-row request never waits for all of a 10,000-row one."""
 
     def __init__(self, rm: EndoRM, *, max_wait_s: float, step_tokens: int, max_queue_tokens: int,
                  metrics: Optional[Metrics] = None):
@@ -218,7 +260,7 @@ class Batcher:
     def submit(self, encoded: List[Encoded], per_token: bool,
                deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None]) -> Optional[Pending]:
         """Queue a request; None when its tokens would take the queue past ``max_queue_tokens``."""
-        item = Pending(encoded, per_token, deliver, sum(e.length for e in encoded))
+        item = Pending(split_steps(encoded, self.step_tokens), per_token, deliver, sum(e.length for e in encoded))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scorer has stopped")
@@ -236,7 +278,11 @@ class Batcher:
             self._cond.notify()
         self._thread.join()
 
-    def _take(self) -> Optional[List[Pending]]:
+    def _drop(self, item: Pending) -> None:
+        self.queued_tokens -= item.tokens
+        item.tokens = 0
+
+    def _take(self) -> Optional[List[Tuple[Pending, List[Encoded]]]]:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -249,16 +295,25 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            taken, tokens = [], 0
+            taken: List[Tuple[Pending, List[Encoded]]] = []
+            tokens, served = 0, []
             while self._queue:
                 item = self._queue[0]
-                if not item.cancelled and taken and tokens + item.tokens > self.step_tokens:
-                    break  # a request its client left is dropped first, so it never decides what fits
+                if item.cancelled:  # its client went away while it waited: dropped before it decides what fits
+                    self._drop(self._queue.popleft())
+                    continue
+                piece_tokens = sum(e.length for e in item.pieces[0])
+                if taken and tokens + piece_tokens > self.step_tokens:
+                    break  # in order: the next step starts with it
                 self._queue.popleft()
-                self.queued_tokens -= item.tokens
-                if not item.cancelled:  # its client went away while it waited
-                    taken.append(item)
-                    tokens += item.tokens
+                piece = item.pieces.popleft()
+                item.tokens -= piece_tokens
+                self.queued_tokens -= piece_tokens
+                taken.append((item, piece))
+                tokens += piece_tokens
+                if item.pieces:
+                    served.append(item)  # its next piece waits behind the requests not served in this step
+            self._queue.extend(served)
             return taken
 
     def _loop(self) -> None:
@@ -268,18 +323,24 @@ class Batcher:
                 return
             if not taken:
                 continue
-            encoded = [e for item in taken for e in item.encoded]
+            encoded = [e for _, piece in taken for e in piece]
             try:
-                results = self.rm.score_encoded(encoded, per_token=any(item.per_token for item in taken))
+                results = self.rm.score_encoded(encoded, per_token=any(item.per_token for item, _ in taken))
             except Exception as err:  # noqa: BLE001 - handed to each waiting request as a 500
-                for item in taken:
-                    item.deliver(None, err)
+                for item, _ in taken:
+                    if not item.cancelled:
+                        item.cancelled = True
+                        with self._cond:
+                            self._drop(item)
+                        item.deliver(None, err)
                 continue
-            self.metrics.step(len(encoded), sum(item.tokens for item in taken))
+            self.metrics.step(len(encoded), sum(e.length for e in encoded))
             start = 0
-            for item in taken:
-                item.deliver(results[start : start + len(item.encoded)], None)
-                start += len(item.encoded)
+            for item, piece in taken:
+                item.results.extend(results[start : start + len(piece)])
+                start += len(piece)
+                if not item.pieces and not item.cancelled:
+                    item.deliver(item.results, None)
 
 
 # ------------------------------------------------------------------------------------------------ the service
@@ -288,8 +349,10 @@ class Batcher:
 class RewardService:
     """What the endpoints do, without HTTP: parse a body, prepare rows, queue them, assemble the answer."""
 
-    def __init__(self, rm: EndoRM, settings: ModelSettings, options: ServeOptions):
+    def __init__(self, rm: EndoRM, settings: ModelSettings, options: ServeOptions,
+                 log: Callable[[str], None] = lambda line: None):
         self.rm = rm
+        self.log = log
         self.settings = settings
         self.options = options
         self.metrics = Metrics()
@@ -298,6 +361,7 @@ class RewardService:
         self.plain_scorer = RowScorer(rm, ScoreTask(), template="plain", append_eos=settings.append_eos,
                                       max_length=settings.max_length)
         self.bos_text = getattr(rm.tokenizer, "bos_token", None) if _adds_bos(rm.tokenizer) else None
+        self.joint = bool(getattr(rm.tokenizer, "is_fast", False))  # offsets: split one tokenization of the query
         # One encoding thread: the fast tokenizer is not shared between threads, and the model thread runs beside it.
         self.encode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="endokern-encode")
         step = options.step_tokens or 4 * rm.batch_tokens
@@ -310,7 +374,7 @@ class RewardService:
 
     async def _prepare(self, rows: Sequence[Any], scorer: RowScorer) -> PreparedChunk:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.encode_pool, scorer.prepare, rows_chunk(rows))
+        return await loop.run_in_executor(self.encode_pool, scorer.prepare, request_chunk(rows))
 
     async def _run(self, rows: Sequence[Any], scorer: RowScorer) -> ChunkResult:
         """The one row path (:class:`endokern.pipeline.RowScorer`) split around the batcher: prepared on the encoding
@@ -358,7 +422,8 @@ class RewardService:
                                  "reduce")
         rows = body.get("rows")
         if not isinstance(rows, list):
-            raise HTTPError(422, "field 'rows' must be a list of {prompt, response} or {messages} objects")
+            raise HTTPError(422, "field 'rows' must be a list of {prompt, response}, {messages} or {prompt_ids | "
+                                 "prompt, response_ids} objects")
         per_token = body.get("per_token", False)
         if not isinstance(per_token, bool):
             raise HTTPError(422, "field 'per_token' must be true or false")
@@ -386,6 +451,9 @@ class RewardService:
         return Variant("request", "reward", float(gamma), terminal, reduce)
 
     async def get_reward(self, body: Any) -> Dict[str, Any]:
+        """OpenRLHF's remote reward model (one sample per request as a rule): ``labels`` and other fields it sends
+        are accepted and not used; an unscorable sample is ``null`` with its reason in ``extra_logs.errors`` (with
+        ``--strict``, the request is refused with 422)."""
         body = _object(body)
         queries, prompts = body.get("query"), body.get("prompts")
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
@@ -394,32 +462,111 @@ class RewardService:
             raise HTTPError(422, "field 'prompts' must be a list of strings (the prompt of each query)")
         if len(queries) != len(prompts):
             raise HTTPError(422, f"{len(queries)} queries but {len(prompts)} prompts")
-        bos = self.bos_text
-        rows, errors = [], []
-        for i, (query, prompt) in enumerate(zip(queries, prompts)):
-            if not query.startswith(prompt):
-                errors.append({"index": i, "error": "the query does not start with its prompt"})
-            # A rendered prompt that already begins with the BOS text gets the BOS from the tokenizer, not twice.
-            if bos and prompt.startswith(bos):
-                query, prompt = query[len(bos):], prompt[len(bos):]
-            rows.append({"prompt": prompt, "response": query[len(prompt):]})
-        if not errors:
-            prepared = await self._prepare(rows, self.plain_scorer)
-            errors = [{"index": e["row"], "error": e["reason"]} for e in prepared.errors]
-        if errors:
-            self.metrics.rows_done(len(rows), len(errors))
-            raise HTTPError(422, {"message": f"{len(errors)} of {len(rows)} queries cannot be scored", "errors": errors})
-        results = await self._score(prepared.to_score, False)
-        rewards = [r["reward"] for r in self.plain_scorer.assemble(prepared, results).per_row()]
-        self.metrics.rows_done(len(rows), 0)
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+        results = await self._queries(list(zip(queries, prompts)))
+        rewards = [r.get("reward") for r in results]
+        scores = [None if r is None else 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, m / self.options.score_scale))))
+                  for r, m in zip(rewards, (r.get("reward_mean") for r in results))]
+        return {"rewards": rewards, "scores": scores, "extra_logs": {"errors": [r.get("error") for r in results]}}
+
+    async def reward(self, body: Any) -> Dict[str, Any]:
+        """slime's remote reward model: one bare ``{"prompt", "response", "label"}`` object (``label`` and other
+        fields are not used) -> ``{"reward", "reward_mean"}``, both ``null`` with ``error`` for an unscorable
+        sample (``--strict``: 422)."""
+        body = _object(body)
+        prompt, response = body.get("prompt"), body.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise HTTPError(422, "fields 'prompt' and 'response' must be strings")
+        (result,) = await self._queries([(prompt + response, prompt)])
+        return {"reward": result.get("reward"), "reward_mean": result.get("reward_mean"),
+                **({"error": result["error"]} if "error" in result else {})}
+
+    async def _queries(self, pairs: List[Tuple[str, str]]) -> List[Dict[str, Any]]:
+        """(query, prompt) texts, already rendered by the policy's side -> per pair ``{reward, reward_mean}`` or
+        ``{error}``. The query is tokenized once (plain, the tokenizer's own special tokens) and split where its
+        prompt ends, so the response is the tokens the policy produced, not a separate tokenization of its text."""
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self.encode_pool, self._query_rows, pairs)
+        result = (await self._run(rows, self.plain_scorer)).per_row()
+        out = [{"error": r["reason"]} if "reason" in r else {"reward": r["reward"], "reward_mean": r["reward_mean"]}
+               for r in result]
+        errors = [(i, r["error"]) for i, r in enumerate(out) if "error" in r]
+        self.metrics.rows_done(len(out), len(errors))
+        if errors and self.options.strict:
+            raise HTTPError(422, {"message": f"{len(errors)} of {len(out)} queries cannot be scored",
+                                  "errors": [{"index": i, "error": e} for i, e in errors]})
+        return out
+
+    def _query_rows(self, pairs: List[Tuple[str, str]]) -> List[Any]:
+        rows: List[Any] = []
+        for query, prompt in pairs:
+            try:
+                row = query_row(self.rm.tokenizer, query, prompt, self.bos_text, self.joint)
+                if self.settings.append_eos and "response_ids" in row:
+                    row["response_ids"].append(self.rm.tokenizer.eos_token_id)
+                rows.append(row)
+            except ValueError as err:
+                rows.append(RowProblem(str(err)))
+        return rows
 
     def health(self) -> Dict[str, Any]:
-        return {"status": "ok", "model": self.settings.model, "queue_tokens": self.batcher.queued_tokens,
+        # the model's name, not where it lies on this machine: /health answers without the key
+        model = os.path.basename(os.path.normpath(self.settings.model)) if os.path.exists(self.settings.model) \
+            else self.settings.model
+        return {"status": "ok", "model": model, "queue_tokens": self.batcher.queued_tokens,
                 "queue_requests": self.batcher.queued_requests}
 
     def render_metrics(self) -> str:
         return self.metrics.render(self.batcher.queued_tokens, self.batcher.queued_requests)
+
+
+class RowProblem(str):
+    """A request's row that cannot be read, with the reason (it becomes that row's error)."""
+
+
+def request_chunk(rows: Sequence[Any]) -> list:
+    """A request's rows as a chunk of the row path (:func:`endokern.pipeline.rows_chunk`), with the rows JSON lets
+    through but no answer can carry as errors in their places: a non-finite number as ``id`` (``1e999``, NaN)."""
+    chunk = rows_chunk(rows)
+    for i, row in enumerate(rows):
+        if isinstance(row, RowProblem):
+            chunk[i] = (InputRow(i, None, str(row)), None)
+        elif isinstance(row, dict) and isinstance(row.get("id"), float) and not math.isfinite(row["id"]):
+            chunk[i] = (InputRow(i, None, f"id {row['id']!r} is not a finite number; give a string or an integer"),
+                        None)
+    return chunk
+
+
+def query_row(tokenizer, query: str, prompt: str, bos_text: Optional[str], joint: bool) -> Dict[str, Any]:
+    """The row of a (query, prompt) pair whose texts the policy's side rendered: ``prompt_ids`` + ``response_ids``
+    from one tokenization of the query, split after the last token that ends within the prompt (a token across the
+    boundary belongs to the response); a query that does not start with its prompt (a truncated prompt) is split
+    at their longest common prefix. Without a fast tokenizer (no offsets), the texts are split and tokenized as
+    ``template="plain"`` does. ValueError when the pair cannot be scored."""
+    from .pipeline import not_unicode
+
+    problem = not_unicode(query, "query") or not_unicode(prompt, "prompt")
+    if problem:
+        raise ValueError(problem)
+    split = len(prompt) if query.startswith(prompt) else len(os.path.commonprefix([query, prompt]))
+    if split == 0 and prompt:
+        raise ValueError("the query does not start with its prompt, nor with any part of it")
+    # A rendered query that already begins with the BOS text gets the BOS from the tokenizer, not twice.
+    if bos_text and query.startswith(bos_text) and split >= len(bos_text):
+        query, split = query[len(bos_text):], split - len(bos_text)
+    if not joint:
+        return {"prompt": query[:split], "response": query[split:]}
+    encoded = tokenizer(query, add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    cut = 0
+    for k, (start, end) in enumerate(offsets):
+        if end > split or (start == end and start >= split and k > 0):
+            break
+        cut = k + 1
+    if cut == 0:
+        raise ValueError("the prompt has no tokens (an empty prompt and a tokenizer that adds no BOS)")
+    if cut == len(ids):
+        raise ValueError("the response has no tokens")
+    return {"prompt_ids": ids[:cut], "response_ids": ids[cut:]}
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -469,7 +616,7 @@ def create_app(service: RewardService):
                 service.metrics.request(path, 401, time.monotonic() - start)
                 return response
         response = await call_next(request)
-        known = path in ("/score", "/get_reward", "/health", "/metrics")
+        known = path in ("/score", "/get_reward", "/reward", "/health", "/metrics")
         service.metrics.request(path if known else "other", response.status_code, time.monotonic() - start)
         return response
 
@@ -486,12 +633,47 @@ def create_app(service: RewardService):
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise HTTPError(400, f"malformed JSON: {err}") from None
+        except RecursionError:
+            raise HTTPError(400, "malformed JSON: nested too deeply") from None
+
+    async def until_disconnected(request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
 
     async def answer(request: Request, handler) -> JSONResponse:
+        """Run ``handler`` on the body within ``--request-timeout`` (504 past it); a request whose client leaves is
+        cancelled (its rows leave the queue) and answered 499; every 4xx and 5xx is logged with its reason."""
         try:
-            return JSONResponse(await handler(await read_json(request)))
+            body = await read_json(request)
         except HTTPError as err:
-            return error(err.status, err.detail, err.headers)
+            body, response = None, error(err.status, err.detail, err.headers)
+        if body is not None:
+            response = await run(request, handler, body)
+        if response.status_code >= 400:
+            service.log(f"endokern serve: {request.method} {request.url.path} -> {response.status_code}: "
+                        f"{response.body.decode(errors='replace')[:300]}")
+        return response
+
+    async def run(request: Request, handler, body: Any) -> JSONResponse:
+        work = asyncio.ensure_future(handler(body))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, gone}, timeout=service.options.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                response = JSONResponse(work.result())
+            elif gone in done:
+                work.cancel()
+                response = error(499, "the client closed the connection before its answer")
+            else:
+                work.cancel()
+                response = error(504, f"no answer within --request-timeout {service.options.request_timeout:g} s "
+                                      "(the server is busy: retry later, or send fewer rows)")
+        except HTTPError as err:
+            response = error(err.status, err.detail, err.headers)
+        finally:
+            gone.cancel()
+        return response
 
     @app.post("/score")
     async def score(request: Request):
@@ -500,6 +682,10 @@ def create_app(service: RewardService):
     @app.post("/get_reward")
     async def get_reward(request: Request):
         return await answer(request, service.get_reward)
+
+    @app.post("/reward")
+    async def reward(request: Request):
+        return await answer(request, service.reward)
 
     @app.get("/health")
     async def health():
@@ -522,7 +708,7 @@ def serve(settings: ModelSettings, options: ServeOptions, log: Callable[[str], N
         log(f"endokern serve: warning: listening on {options.host} with no API key; anyone who can reach it can use "
             f"it (set --api-key or ${API_KEY_ENV})")
     rm = EndoRM.from_settings(settings)
-    service = RewardService(rm, settings, options)
+    service = RewardService(rm, settings, options, log=log)
     app = create_app(service)
     # Bind first, so --port 0 can print the port it got before clients are told where to go.
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
@@ -530,7 +716,8 @@ def serve(settings: ModelSettings, options: ServeOptions, log: Callable[[str], N
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((options.host, options.port))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=options.shutdown_grace)
     server = uvicorn.Server(config)
     log(f"endokern serve: {settings.model} on http://{options.host}:{port} (batch tokens {rm.batch_tokens}, "
         f"step tokens {service.batcher.step_tokens}, max wait {options.max_wait_ms:g} ms)")

@@ -138,24 +138,92 @@ def test_per_token_and_reward_variant_from_the_same_pass(server, rng):
                     assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
 
 
+def joint_rows(queries, prompts):
+    """What the policy produced, read independently of the server: the query tokenized once, its first tokens the
+    prompt's own tokens (the prompts here end in a word and the responses start with a space)."""
+    _, tokenizer = fixture_model()
+    rows = []
+    for q, p in zip(queries, prompts):
+        full, head = tokenizer(q)["input_ids"], tokenizer(p)["input_ids"]
+        assert full[: len(head)] == head
+        rows.append({"prompt_ids": head, "response_ids": full[len(head):]})
+    return rows
+
+
 def test_get_reward_openrlhf_layout(server, rng):
     rows = good_rows(rng, 6)
     prompts = [r["prompt"] for r in rows]
     queries = [r["prompt"] + r["response"] for r in rows]
     answer = post(server.url, "/get_reward", {"query": queries, "prompts": prompts, "labels": [""] * len(rows)})
     assert answer.status_code == 200, answer.text
-    rewards = answer.json()["rewards"]
-    # the same texts through /score give the same rewards (the template here is plain: the fixture has no chat one)
-    scored = post(server.url, "/score", {"rows": rows}).json()["results"]
+    body = answer.json()
+    rewards = body["rewards"]
+    # the tokens the policy produced (one tokenization of the query) through /score give the same rewards
+    scored = post(server.url, "/score", {"rows": joint_rows(queries, prompts)}).json()["results"]
     assert rewards == pytest.approx([s["reward"] for s in scored], rel=RTOL, abs=RTOL)
+    # scores: sigmoid of the mean token reward (--score-scale 1), strictly inside (0, 1)
+    expected = [1 / (1 + math.exp(-s["reward_mean"])) for s in scored]
+    assert body["scores"] == pytest.approx(expected, rel=RTOL, abs=RTOL) and all(0 < x < 1 for x in body["scores"])
+    assert body["extra_logs"]["errors"] == [None] * len(rows)
     # a rendered prompt that starts with the BOS text is not given a second BOS
     with_bos = post(server.url, "/get_reward", {"query": ["<s>" + q for q in queries], "prompts": ["<s>" + p for p in prompts]})
     assert with_bos.json()["rewards"] == pytest.approx(rewards, rel=RTOL, abs=RTOL)
-    broken = post(server.url, "/get_reward", {"query": [queries[0], "something else"], "prompts": prompts[:2]})
-    assert broken.status_code == 422
-    assert broken.json()["detail"]["errors"] == [{"index": 1, "error": "the query does not start with its prompt"}]
-    empty_response = post(server.url, "/get_reward", {"query": [prompts[0]], "prompts": [prompts[0]]})
-    assert empty_response.status_code == 422 and "empty response: under the plain" in empty_response.text
+    # one sample that cannot be scored is null with its reason; the others are scored (status 200: OpenRLHF drops
+    # a sample's reward silently on any other status)
+    broken = post(server.url, "/get_reward", {"query": [queries[0], "something else", prompts[1]],
+                                              "prompts": [prompts[0], "zzz", prompts[1]], "labels": [1, 2, 3]})
+    assert broken.status_code == 200, broken.text
+    got = broken.json()
+    assert got["rewards"][0] == pytest.approx(rewards[0], rel=RTOL, abs=RTOL) and got["rewards"][1:] == [None, None]
+    assert got["scores"][1:] == [None, None]
+    errors = got["extra_logs"]["errors"]
+    assert errors[0] is None and "does not start with its prompt" in errors[1] and "no tokens" in errors[2]
+
+
+def test_a_truncated_prompt_splits_at_the_common_prefix(server, rng):
+    """OpenRLHF cuts long prompts: the query then starts with only part of its prompt text."""
+    row = good_rows(rng, 1)[0]
+    query = row["prompt"] + row["response"]
+    cut = row["prompt"] + "\n" + sentence(rng)  # the prompt as sent: longer than what the query kept
+    got = post(server.url, "/get_reward", {"query": [query], "prompts": [cut]}).json()
+    assert got["rewards"][0] == pytest.approx(
+        post(server.url, "/get_reward", {"query": [query], "prompts": [row["prompt"]]}).json()["rewards"][0],
+        rel=RTOL, abs=RTOL)
+
+
+def test_slime_reward_one_bare_object(server, rng):
+    """slime's remote reward model posts one {prompt, response, label} object and reads the reward key."""
+    row = good_rows(rng, 1)[0]
+    answer = post(server.url, "/reward", {"prompt": row["prompt"], "response": row["response"], "label": "x"})
+    assert answer.status_code == 200, answer.text
+    expected = post(server.url, "/get_reward", {"query": [row["prompt"] + row["response"]],
+                                                "prompts": [row["prompt"]]}).json()["rewards"][0]
+    assert answer.json()["reward"] == pytest.approx(expected, rel=RTOL, abs=RTOL)
+    empty = post(server.url, "/reward", {"prompt": row["prompt"], "response": ""}).json()
+    assert empty["reward"] is None and "no tokens" in empty["error"]
+    assert post(server.url, "/reward", {"prompt": 1, "response": "a"}).status_code == 422
+
+
+def test_inputs_json_lets_through_are_answered_not_crashed(server, rng):
+    """Deep nesting, a non-finite id and a lone surrogate: 400 or a per-row error, never a 500."""
+    deep = b'{"rows": ' + b"[" * 20000 + b"]" * 20000 + b"}"  # far past the parser's recursion limit
+    assert post(server.url, "/score", deep).status_code == 400
+    rows = good_rows(rng, 2)
+    odd = [{"id": float("inf"), "prompt": "a", "response": " b"}, {"id": float("nan"), "prompt": "a", "response": " b"},
+           {"id": "s", "prompt": "a \udc00", "response": " b"}]
+    content = json.dumps({"rows": [rows[0], *odd, rows[1]]})  # Infinity and NaN as Python's JSON writes them
+    answer = post(server.url, "/score", content)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [("error" in r) for r in results] == [False, True, True, True, False]
+    assert "finite" in results[1]["error"] and "lone surrogate" in results[3]["error"]
+    surrogate = post(server.url, "/get_reward", json.dumps({"query": ["a \udc00 b"], "prompts": ["a"]})).json()
+    assert surrogate["rewards"] == [None] and "lone surrogate" in surrogate["extra_logs"]["errors"][0]
+
+
+def test_health_names_the_model_not_its_path(server):
+    health = httpx.get(server.url + "/health", timeout=HANG_S).json()
+    assert health["model"] == os.path.basename(FIXTURE) and "/" not in health["model"]
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -169,9 +237,11 @@ def test_get_reward_openrlhf_layout(server, rng):
     ({"rows": [], "terminal": "end"}, 422, "terminal"),
     ({"query": "a b", "prompts": ["a"]}, 422, "'query' must be a list"),
     ({"query": ["a b"], "prompts": ["a", "b"]}, 422, "1 queries but 2 prompts"),
+    ({"prompt": "a", "response": ["b"]}, 422, "must be strings"),
 ])
 def test_bad_requests_name_the_problem(server, body, status, words):
     path = "/get_reward" if isinstance(body, dict) and "query" in body else "/score"
+    path = "/reward" if isinstance(body, dict) and "response" in body else path
     answer = post(server.url, path, body)
     assert answer.status_code == status and words in answer.text, answer.text
 
@@ -370,3 +440,78 @@ def test_batcher_merges_requests_up_to_the_step(rng):
     assert done.acquire(timeout=HANG_S)
     failing.close()
     assert isinstance(errors[0], RuntimeError) and "the model failed" in str(errors[0])
+
+
+def test_a_large_request_shares_the_steps_with_a_small_one_behind_it(rng):
+    """A request is queued in pieces of at most a step: a 1-row request that arrives behind a large one is scored in
+    the second step, not after all of the large one."""
+    model = RecordingModel()
+    step = rng.randint(20, 40)
+    big = [Encoded([1], [2] * rng.randint(3, 9)) for _ in range(rng.randint(30, 60))]
+    small = [Encoded([1], [3] * 3)]
+    batcher = Batcher(model, max_wait_s=0, step_tokens=step, max_queue_tokens=10**6)
+    order, done = [], threading.Semaphore(0)
+    with batcher._cond:  # hold the scorer while queueing
+        batcher.submit(big, False, lambda res, err: (order.append(("big", res)), done.release()))
+        batcher.submit(small, False, lambda res, err: (order.append(("small", res)), done.release()))
+    for _ in range(2):
+        assert done.acquire(timeout=HANG_S)
+    batcher.close()
+    assert [name for name, _ in order] == ["small", "big"]
+    assert len(model.calls) >= 3 and small[0].length in model.calls[1]
+    assert all(sum(call) <= step or len(call) == 1 for call in model.calls)
+    assert [r.reward for r in dict(order)["big"]] == [e.length for e in big]  # in order, every piece
+
+
+def _byte_level_tokenizer():
+    """A small byte-level BPE tokenizer (GPT-2's scheme), trained here on the test words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>"],
+                                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_a_query_is_split_from_one_tokenization(rng, kind):
+    """The response is the query's own tokens after the prompt's: prompt_ids + response_ids is the one tokenization
+    of the query (SentencePiece, where a separate tokenization of the response adds a word-start piece, and
+    byte-level BPE)."""
+    from endokern.serve import query_row
+
+    tokenizer = fixture_model()[1] if kind == "sentencepiece" else _byte_level_tokenizer()
+    for _ in range(20):
+        prompt = sentence(rng)
+        response = rng.choice([" ", "", "\n"]) + sentence(rng)
+        row = query_row(tokenizer, prompt + response, prompt, None, joint=True)
+        full = tokenizer(prompt + response)["input_ids"]
+        assert row["prompt_ids"] + row["response_ids"] == full
+        decoded = tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)
+        assert prompt.startswith(decoded.strip()) or decoded.strip().startswith(prompt.strip())
+        assert row["response_ids"]
+    with pytest.raises(ValueError, match="no tokens"):
+        query_row(tokenizer, "a cat", "a cat", None, joint=True)
+
+
+def test_strict_refuses_and_request_timeout_answers_504(tmp_path, rng):
+    srv = Server("--strict", "--request-timeout", "0.001", "--max-length", MAX_LENGTH, env={"ENDOKERN_API_KEY": KEY})
+    try:
+        rows = good_rows(rng, 30)
+        slow = post(srv.url, "/score", {"rows": rows})
+        assert slow.status_code == 504 and "request-timeout" in slow.text
+        assert any("504" in line for line in srv.log)  # answers past 400 are logged with their reason
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)
+    srv = Server("--strict", "--max-length", MAX_LENGTH, env={"ENDOKERN_API_KEY": KEY})
+    try:
+        row = good_rows(rng, 1)[0]
+        refused = post(srv.url, "/get_reward", {"query": [row["prompt"] + row["response"], "x"],
+                                                "prompts": [row["prompt"], "zzz"]})
+        assert refused.status_code == 422 and refused.json()["detail"]["errors"][0]["index"] == 1
+        assert post(srv.url, "/reward", {"prompt": row["prompt"], "response": ""}).status_code == 422
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)

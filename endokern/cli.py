@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func in (("score", cmd_score), ("compare", cmd_compare), ("rank", cmd_rank), ("filter", cmd_filter)):
         p = sub.add_parser(name, help=_doc(func))
-        Settings.add_arguments(p, ("model", "reward", "run", name, "ray"))
+        attributes = ("attributes",) if name in ("score", "filter") else ()  # Dolma attribute files
+        Settings.add_arguments(p, ("model", "reward", "run", name, "ray") + attributes)
         p.set_defaults(func=func)
 
     expl = sub.add_parser("explain", help=_doc(cmd_explain))

@@ -25,8 +25,8 @@ from .settings import ModelSettings, Settings
 from .tokenization import Encoded, EncodeError, TextExample, resolve_template
 from .variants import Variant, variant_score
 
-__all__ = ["ChunkResult", "CompareTask", "FilterTask", "PreparedChunk", "RankTask", "RowScorer", "RunStats",
-           "ScoreTask", "Task", "make_task", "rows_chunk", "stream"]
+__all__ = ["AttributesTask", "ChunkResult", "CompareTask", "FilterTask", "PreparedChunk", "RankTask", "RowScorer",
+           "RunStats", "ScoreTask", "Task", "make_task", "rows_chunk", "stream"]
 
 SCORE_FIELDS = ("reward", "reward_mean", "logprob", "num_tokens")
 
@@ -50,6 +50,11 @@ class Task:
     def encode(self, encoder, examples: List[TextExample]) -> List[Any]:
         """The chunk's examples as :class:`Encoded` (or :class:`EncodeError`) in order."""
         return encoder.encode(examples)
+
+    def error_outputs(self, error: Dict[str, Any]) -> Dict[str, List[dict]]:
+        """What a row that cannot be scored puts in the streams besides its error row (nothing, but for an output
+        that must mirror its input row for row)."""
+        return {}
 
     def outputs(self, row: Dict[str, Any], index: int, state: Any, results: List[ScoreResult]) -> Dict[str, List[dict]]:
         result = results[0]
@@ -129,12 +134,48 @@ class FilterTask(Task):
         return {"rejected": [out]}
 
 
+class AttributesTask(Task):
+    """Dolma attribute rows: one per document, in the documents' order, ``{"id", "attributes": {"<name>__<field>":
+    [[0, len(text), value]]}}`` for reward, reward_mean, logprob and num_tokens (and, filtering, ``keep``: 1 or 0 by
+    ``min_reward``); a document that cannot be scored keeps its line with no attributes. A document is its ``text``
+    (or the column ``--fields response=`` names) after its ``prompt`` when it has one, else after the model's
+    beginning of sequence."""
+
+    name = "attributes"
+
+    def __init__(self, attribute: str, min_reward: Optional[float] = None):
+        self.attribute = attribute
+        self.min_reward = min_reward
+
+    def examples(self, row):
+        text = row.get("response", row.get("text"))
+        if not isinstance(text, str):
+            raise layouts.RowError("a document needs a 'text' string (or --fields response=COLUMN)")
+        prompt = row.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise layouts.RowError("field 'prompt' must be a string")
+        return [TextExample(prompt=prompt, response=text)], len(text)
+
+    def outputs(self, row, index, state, results):
+        result = results[0]
+        values = {k: getattr(result, k) for k in SCORE_FIELDS}
+        if self.min_reward is not None:
+            values["keep"] = 1 if result.reward >= self.min_reward else 0
+        attributes = {f"{self.attribute}__{k}": [[0, state, v]] for k, v in values.items()}
+        return {"output": [{"id": layouts.row_id(row, index), "attributes": attributes}]}
+
+    def error_outputs(self, error):
+        return {"output": [{"id": error.get("id", error["row"]), "attributes": {}}]}
+
+
 def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> Task:
     """The :class:`Task` of ``settings.command``. ``compare`` gets the template resolved by the model's tokenizer
     (HH-RLHF transcripts become messages under a chat template); filter's ``keep_scored`` sends every scored row to
     ``output`` (a later pass keeps the top fraction)."""
-    if settings.command == "score":
-        task: Task = ScoreTask(per_token=settings.per_token)
+    if settings.attributes is not None:
+        task: Task = AttributesTask(settings.attributes, settings.min_reward if settings.command == "filter" else None)
+    elif settings.command == "score":
+        task = ScoreTask(per_token=settings.per_token)
     elif settings.command == "compare":
         task = CompareTask(resolve_template(rm.tokenizer, settings.template))
     elif settings.command == "rank":
@@ -310,7 +351,7 @@ class RowScorer:
         rows: List[Dict[str, List[dict]]] = []
         for kind, entry in prepared.entries:
             if kind == "error":
-                rows.append({"errors": [entry]})
+                rows.append({"errors": [entry], **self.task.error_outputs(entry)})
             else:
                 item, row, state, slots = entry
                 rows.append(self.task.outputs(row, item.index, state, [results[s] for s in slots]))

@@ -95,6 +95,13 @@ def run(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> Run
     output (``<output>.lock``: a second run on it is refused while this one lives, and a killed run never blocks a
     resume). See :func:`_run` for the rest; raises :class:`RunFailed` after a run whose input was damaged,
     where no row could be scored, or whose error share is above ``settings.max_error_fraction``."""
+    if settings.attributes is not None:
+        return run_attributes(settings, rm=rm, log=log)
+    return _run_file(settings, rm, log)
+
+
+def _run_file(settings: Settings, rm: Any, log: Optional[Log]) -> RunResult:
+    """:func:`run` of one output (see there)."""
     files = prepare(settings)
     lock = None if files["output"] == "-" else io.RunLock(io.beside(files["output"], ".lock"),
                                                          f"endokern {settings.command} --output {files['output']}")
@@ -107,6 +114,48 @@ def run(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> Run
             lock.release()
     check_outcome(settings, result)
     return result
+
+
+def run_attributes(settings: Settings, *, rm: Any = None, log: Optional[Log] = None) -> RunResult:
+    """``--dolma-attributes NAME``: each input ``DATASET/documents/REL`` gets ``DATASET/attributes/NAME/REL``, row for
+    row (:class:`endokern.pipeline.AttributesTask`), as one resumable run per file (its checkpoint, errors file and
+    lock beside the attribute file); the model loads once, and only when a file is left to score. Returns the last
+    file's result with the statistics of all."""
+    if settings.output != "-":
+        raise SettingsError("--dolma-attributes writes attributes/NAME/ beside each input's documents/ folder; leave "
+                            "out --output")
+    settings = settings.validate()
+    template = "plain" if settings.template == "auto" else settings.template
+    runs = [settings.replace(input=[path], output=io.attributes_path(path, settings.attributes), template=template)
+            for path in settings.input]
+    for one in runs:
+        prepare(one)  # every file's checks before any is written
+    model = rm if rm is not None else _LazyModel(settings)
+    total = RunStats()
+    result = None
+    for one in runs:
+        if log is not None:
+            log(f"endokern: {one.input[0]} -> {one.output}")
+        result = _run_file(one, model, log)
+        for name in ("rows", "errors", "examples", "tokens", "seconds", "resumed_from"):
+            setattr(total, name, getattr(total, name) + getattr(result.stats, name))
+    assert result is not None
+    result.stats = total
+    return result
+
+
+class _LazyModel:
+    """The model of a run of several files, loaded by the first file that has rows left to score."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.rm = settings, None
+
+    def get(self):
+        if self.rm is None:
+            from .model import EndoRM
+
+            self.rm = EndoRM.from_settings(self.settings)
+        return self.rm
 
 
 def check_outcome(settings: Settings, result: RunResult) -> None:
@@ -175,7 +224,7 @@ def _run(settings: Settings, files: Dict[str, str], rm: Any, log: Log) -> RunRes
 def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction: bool, log: Log) -> RunResult:
     """Score in this process into one resumable file per stream (:class:`endokern.io.RunWriter`)."""
     streams = {"output": files["scored"] if top_fraction else files["output"]}
-    if settings.command == "filter" and not top_fraction:
+    if settings.command == "filter" and not top_fraction and settings.attributes is None:
         streams["rejected"] = files["rejected"]
     streams["errors"] = files["errors"]
     # checked first, written only once the model is loaded: a refused or failed start leaves no file behind
@@ -194,6 +243,8 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
                 from .model import EndoRM
 
                 rm = EndoRM.from_settings(settings)
+            elif isinstance(rm, _LazyModel):
+                rm = rm.get()
             try:
                 resolve_template(rm.tokenizer, settings.template)
             except ValueError as err:

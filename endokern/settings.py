@@ -179,7 +179,7 @@ class ModelSettings:
                     ray_group = parser.add_argument_group("scale out with Ray (pip install 'endokern[ray]')")
                 target = ray_group
             default = defaults.get(f.name, _default(f))
-            kwargs = dict(meta["argparse"], help=meta["help"])
+            kwargs = dict(meta["argparse"], help=meta["help"], dest=f.name)
             flag = meta["flag"] or "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
                 if flag.startswith("--no-"):
@@ -237,6 +237,11 @@ class Settings(ModelSettings):
                                    group="filter")
     plot: Optional[str] = _opt(None, "also write a histogram of the rewards (kept vs rejected) here", group="filter",
                                metavar="PNG")
+    # score and filter: Dolma attribute files instead of one output
+    attributes: Optional[str] = _opt(None, "write Dolma attribute files named NAME: every input under a documents/ "
+                                     "folder gets attributes/NAME/<the same name>, row for row (resumable per file; "
+                                     "--output is not used)", group="attributes", key=KEY_WHEN_SET, metavar="NAME",
+                                     flag="--dolma-attributes")
     # the Ray engine
     engine: str = _opt("local", "local: this process; ray: Ray Data workers, --output is a folder of Parquet parts",
                        group="ray", choices=ENGINES, key=KEY_WHEN_SET)
@@ -280,9 +285,31 @@ class Settings(ModelSettings):
                 raise SettingsError("--top-fraction needs a file --output (it scores every row first)")
             if self.plot and self.output == "-":
                 raise SettingsError("--plot needs a file --output (it reads the rewards back)")
+        if self.attributes is not None:
+            self._validate_attributes()
         if self.engine == "ray":
             self._validate_ray()
         return self
+
+    def _validate_attributes(self) -> None:
+        if self.command not in ("score", "filter"):
+            raise SettingsError("--dolma-attributes goes with score and filter")
+        if not self.attributes or not all(c.isalnum() or c in "_-." for c in self.attributes) or \
+                "__" in self.attributes:
+            raise SettingsError(f"--dolma-attributes NAME: a name of letters, digits, '_', '-' or '.' without '__' "
+                                f"(Dolma joins it to each field with '__'), got {self.attributes!r}")
+        if self.template == "chat":
+            raise SettingsError("--dolma-attributes scores documents as plain text (from the model's beginning of "
+                                "sequence); leave out --template chat")
+        if self.command == "filter" and (self.top_fraction is not None or self.min_reward is None):
+            raise SettingsError("filter --dolma-attributes keeps by --min-reward (a row's own reward), not "
+                                "--top-fraction")
+        if self.engine != "local":
+            raise SettingsError("--dolma-attributes runs on the local engine (one resumable run per file)")
+        for path in self.input:
+            if path == "-" or "documents" not in os.path.normpath(os.path.abspath(path)).split(os.sep)[:-1]:
+                raise SettingsError(f"--dolma-attributes: {path} is not under a documents/ folder (Dolma's layout: "
+                                    "DATASET/documents/..., whose attributes go to DATASET/attributes/NAME/...)")
 
     def _validate_ray(self) -> None:
         out = self.output.rstrip("/\\") or self.output

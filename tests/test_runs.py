@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import shutil
 
 import pytest
 from model_utils import FIXTURE, fixture_model
@@ -169,3 +171,77 @@ def test_fields_map_renamed_and_nested_columns(tmp_path, rng):
     with pytest.raises(SystemExit) as refused:  # an unknown endokern name is a usage error, before any file
         run_cli("score", "--input", nested, "--output", tmp_path / "bad.jsonl", "--fields", "question=q")
     assert refused.value.code == 2 and not (tmp_path / "bad.jsonl").exists()
+
+
+def _documents(root, rng, files=("a.jsonl.gz", "sub/b.jsonl.gz")):
+    docs = {}
+    for name in files:
+        path = root / "documents" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": f"{name}-{i}", "text": sentence(rng), "source": "test"} for i in range(rng.randint(5, 12))]
+        rows[rng.randrange(len(rows))]["text"] = ""  # a document that cannot be scored keeps its line
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        docs[str(path)] = rows
+    return docs
+
+
+def test_dolma_attributes_mirror_the_documents_and_resume(tmp_path, rng, monkeypatch, capsys):
+    """``--dolma-attributes NAME``: attributes/NAME/ mirrors documents/ file for file and row for row, with the
+    rewards of ``endokern score`` on the same texts (scored from the beginning of sequence), and a run stopped in
+    its second file resumes to the same bytes."""
+    from endokern.io import RunWriter
+
+    docs = _documents(tmp_path / "ds", rng)
+    args = ("score", "--input", *docs, "--dolma-attributes", "endo", "--chunk-rows", 3)
+    run_cli(*args)
+    reference = {p: gzip.decompress((tmp_path / "ds" / "attributes" / "endo" / p).read_bytes())
+                 for p in ("a.jsonl.gz", "sub/b.jsonl.gz")}
+    for path, rows in docs.items():
+        got = read_jsonl(path.replace("/documents/", "/attributes/endo/"))
+        assert [g["id"] for g in got] == [r["id"] for r in rows]
+        plain = [{"prompt": "", "response": r["text"]} for r in rows]
+        src = write_jsonl(tmp_path / "plain.jsonl", plain)
+        out = tmp_path / f"plain-{len(rows)}-{rng.randrange(10**6)}.jsonl"
+        run_cli("score", "--input", src, "--output", out, "--template", "plain", "--chunk-rows", 3)
+        scored = {s["id"]: s for s in read_jsonl(out)}
+        for i, (g, r) in enumerate(zip(got, rows)):
+            if not r["text"]:
+                assert g["attributes"] == {}
+                continue
+            span = [0, len(r["text"])]
+            assert g["attributes"] == {f"endo__{k}": [span + [scored[i][k]]]
+                                       for k in ("reward", "reward_mean", "logprob", "num_tokens")}
+    # stopped after the first chunk of the second file, then resumed: the same files
+    shutil.rmtree(tmp_path / "ds" / "attributes")
+    commit, calls = RunWriter.commit, []
+
+    def stop_in_the_second_file(self, *a, **k):
+        commit(self, *a, **k)
+        calls.append(self.checkpoint_path)
+        if "sub" in self.checkpoint_path:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(RunWriter, "commit", stop_in_the_second_file)
+        with pytest.raises(SystemExit):
+            run_cli(*args)
+    run_cli(*args)
+    assert "already complete" in capsys.readouterr().err  # the first file was finished and is not scored again
+    for p, data in reference.items():
+        assert gzip.decompress((tmp_path / "ds" / "attributes" / "endo" / p).read_bytes()) == data
+
+
+@pytest.mark.parametrize("extra, says", [
+    (("--output", "x.jsonl"), "leave out --output"), (("--template", "chat"), "plain text"),
+    (("--dolma-attributes", "a__b"), "without '__'"), (("--engine", "ray"), "local engine"),
+])
+def test_dolma_attributes_refuse_what_cannot_mirror(tmp_path, rng, capsys, extra, says):
+    docs = _documents(tmp_path / "ds", rng, files=("a.jsonl.gz",))
+    with pytest.raises(SystemExit) as refused:
+        run_cli("score", "--input", *docs, "--dolma-attributes", "endo", *extra)
+    assert refused.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "ds" / "attributes").exists()
+    loose = write_jsonl(tmp_path / "loose.jsonl", [{"text": "a"}])
+    with pytest.raises(SystemExit, match="documents/ folder"):
+        run_cli("score", "--input", loose, "--dolma-attributes", "endo")

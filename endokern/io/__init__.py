@@ -11,14 +11,14 @@
 
 from .files import atomic_write, check_run_key, read_state, replace_file, table_from_rows, unify_schemas, write_rows
 from .lock import LockedError, RunLock
-from .paths import OUTPUT_EXTENSIONS, beside, errors_path_for, file_stem, format_of, same_file
+from .paths import OUTPUT_EXTENSIONS, attributes_path, beside, errors_path_for, file_stem, format_of, same_file
 from .plan import Chunk, FilePlan, jsonl_rows_from, plan_inputs
 from .readers import (DamagedInput, InputRow, is_json_array, numbered_lines, open_binary, parse_line, read_inputs,
                       read_rows)
 from .writer import CHECKPOINT_VERSION, RunWriter
 
 __all__ = ["CHECKPOINT_VERSION", "Chunk", "DamagedInput", "FilePlan", "InputRow", "LockedError", "OUTPUT_EXTENSIONS",
-           "RunLock", "RunWriter", "atomic_write", "beside", "check_run_key", "errors_path_for", "file_stem",
-           "format_of", "is_json_array", "jsonl_rows_from", "numbered_lines", "open_binary", "parse_line",
+           "RunLock", "RunWriter", "atomic_write", "attributes_path", "beside", "check_run_key", "errors_path_for",
+           "file_stem", "format_of", "is_json_array", "jsonl_rows_from", "numbered_lines", "open_binary", "parse_line",
            "plan_inputs", "read_inputs", "read_rows", "read_state", "replace_file", "same_file", "table_from_rows",
            "unify_schemas", "write_rows"]

@@ -60,3 +60,14 @@ def same_file(a: str, b: str) -> bool:
     except OSError:
         pass
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def attributes_path(document: str, name: str) -> str:
+    """Dolma's layout: the attribute file of ``DATASET/documents/REL`` is ``DATASET/attributes/<name>/REL`` (the
+    last ``documents`` folder of the path). ValueError for a path under no ``documents`` folder."""
+    parts = os.path.normpath(os.path.abspath(document)).split(os.sep)
+    folders = [i for i, part in enumerate(parts[:-1]) if part == "documents"]
+    if not folders:
+        raise ValueError(f"{document} is not under a documents/ folder")
+    i = folders[-1]
+    return os.sep.join(parts[:i] + ["attributes", name] + parts[i + 1:])

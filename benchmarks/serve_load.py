@@ -6,7 +6,10 @@ count (1, 4, 16, 64) sends all rows from that many concurrent clients, --rows-pe
 connections, one per client). Reports rows/s and response tokens/s, the ratio to
 offline (and to the faster of two offline runs, one before and one after the server's phases: the machine may be
 shared), p50/p99 request latency, errors, and the largest relative difference of a served reward from its offline one.
-Then the memory phase: 16 clients send --memory-requests single-row requests; the server's resident set after the
+Then OpenRLHF's pattern: --openrlhf-clients concurrent clients each posting one sample per request to /get_reward
+(query = prompt + response text), against offline `endokern score` of the same samples as the server reads them (the
+query tokenized once and split at its prompt: endokern.serve.query_row). The load average (/proc/loadavg) is recorded
+beside each phase. Then the memory phase: 16 clients send --memory-requests single-row requests; the server's resident set after the
 first 1,000 and after all of them (flat: within 10%).
 
     python benchmarks/serve_load.py                     # stories260K (tests/fixtures), 2048 rows
@@ -76,8 +79,17 @@ class Server:
         return self.proc.wait(120)
 
 
-def load(url, rows, clients, per_request):
-    """Send every row once from `clients` concurrent clients; the results by id, latencies, errors, seconds."""
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def load(url, rows, clients, per_request, openrlhf=False):
+    """Send every row once from `clients` concurrent clients; the results by id, latencies, errors, seconds. With
+    ``openrlhf``, each request is OpenRLHF's: one sample to /get_reward."""
     requests = [rows[i : i + per_request] for i in range(0, len(rows), per_request)]
     lock = threading.Lock()
     cursor = [0]
@@ -92,10 +104,23 @@ def load(url, rows, clients, per_request):
                     batch = requests[cursor[0]]
                     cursor[0] += 1
                 start = time.perf_counter()
-                answer = http.post(url + "/score", json={"rows": batch})
+                if openrlhf:
+                    body = {"query": [r["prompt"] + r["response"] for r in batch], "prompts": [r["prompt"] for r in batch],
+                            "labels": [""] * len(batch)}
+                    answer = http.post(url + "/get_reward", json=body)
+                else:
+                    answer = http.post(url + "/score", json={"rows": batch})
                 latencies.append(time.perf_counter() - start)
                 if answer.status_code != 200:
                     errors.append(f"HTTP {answer.status_code}: {answer.text[:200]}")
+                    continue
+                if openrlhf:
+                    got = answer.json()
+                    for r, reward, error in zip(batch, got["rewards"], got["extra_logs"]["errors"]):
+                        if error is not None:
+                            errors.append(error)
+                        else:
+                            results[r["id"]] = {"reward": reward}
                     continue
                 for result in answer.json()["results"]:
                     if "error" in result:
@@ -112,6 +137,23 @@ def load(url, rows, clients, per_request):
     return results, sorted(latencies), errors, time.perf_counter() - start
 
 
+def openrlhf_reference(rows, model, model_args):
+    """Offline `endokern score` of the samples as /get_reward reads them (one tokenization of the query, split at its
+    prompt): (seconds, results by id)."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(HERE.parent))
+    from endokern.serve import _adds_bos, query_row
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
+    joint = [dict(query_row(tokenizer, r["prompt"] + r["response"], r["prompt"], bos, True), id=r["id"]) for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "joint.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in joint))
+        return offline(path, Path(tmp) / "out.jsonl", model_args)
+
+
 def quantile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -122,6 +164,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--rows-per-request", type=int, default=4)
     parser.add_argument("--clients", default="1,4,16,64")
+    parser.add_argument("--openrlhf-clients", default="64", help="client counts of the OpenRLHF phase ('' to skip)")
     parser.add_argument("--memory-requests", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="the machine's name in the results file name")
@@ -148,7 +191,8 @@ def main() -> None:
             results, latencies, errors, seconds = load(server.url, rows, clients, args.rows_per_request)
             worst = max((abs(results[i]["reward"] - reference[i]["reward"]) / max(abs(reference[i]["reward"]), 1e-12)
                          for i in results), default=float("nan"))
-            entry = {"clients": clients, "seconds": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 2),
+            entry = {"clients": clients, "endpoint": "/score", "rows_per_request": args.rows_per_request,
+                     "loadavg": loadavg(), "seconds": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 2),
                      "response_tokens_per_s": round(tokens / seconds, 1),
                      "ratio_to_offline": round(offline_s / seconds, 3),
                      "p50_ms": round(1000 * quantile(latencies, 0.5), 1),
@@ -158,6 +202,23 @@ def main() -> None:
             print(f"{clients:3d} clients: {entry['rows_per_s']:8.1f} rows/s  {entry['ratio_to_offline']:.2f}x offline  "
                   f"p50 {entry['p50_ms']:.0f} ms  p99 {entry['p99_ms']:.0f} ms  errors {len(errors)}  "
                   f"max rel diff {worst:.2e}", flush=True)
+        if args.openrlhf_clients:
+            joint_path, joint_ref = openrlhf_reference(rows, args.model, model_args)
+            report["offline"]["openrlhf_rows_seconds"] = round(joint_path, 3)
+            for clients in [int(c) for c in args.openrlhf_clients.split(",")]:
+                results, latencies, errors, seconds = load(server.url, rows, clients, 1, openrlhf=True)
+                worst = max((abs(results[i]["reward"] - joint_ref[i]["reward"]) / max(abs(joint_ref[i]["reward"]), 1e-12)
+                             for i in results), default=float("nan"))
+                entry = {"clients": clients, "endpoint": "/get_reward", "rows_per_request": 1, "loadavg": loadavg(),
+                         "seconds": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 2),
+                         "ratio_to_offline": round(joint_path / seconds, 3),
+                         "p50_ms": round(1000 * quantile(latencies, 0.5), 1),
+                         "p99_ms": round(1000 * quantile(latencies, 0.99), 1), "errors": len(errors),
+                         "rows_answered": len(results), "max_rel_reward_diff": worst}
+                report["serve"].append(entry)
+                print(f"{clients:3d} OpenRLHF clients (1 sample/request, /get_reward): {entry['rows_per_s']:8.1f} rows/s  "
+                      f"{entry['ratio_to_offline']:.2f}x offline  p50 {entry['p50_ms']:.0f} ms  p99 {entry['p99_ms']:.0f} "
+                      f"ms  errors {len(errors)}  max rel diff {worst:.2e}  load {entry['loadavg']}", flush=True)
         if args.memory_requests:
             single = make_rows(args.memory_requests, args.seed + 1)
             first, rest = single[:1000], single[1000:]

@@ -515,3 +515,30 @@ def test_strict_refuses_and_request_timeout_answers_504(tmp_path, rng):
         assert post(srv.url, "/reward", {"prompt": row["prompt"], "response": ""}).status_code == 422
     finally:
         assert srv.stop() == 0, "".join(srv.log)
+
+
+def test_answers_go_out_without_waiting_for_a_delayed_ack():
+    """The server's connections have TCP_NODELAY (an answer's headers and body are two writes: without it the body
+    waited for the client's delayed ACK, about 40 ms a request on a kept-alive connection)."""
+    import asyncio
+    import socket
+
+    from endokern.serve import listening_socket
+
+    async def check():
+        seen = []
+
+        async def accepted(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listening_socket("127.0.0.1", 0)
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        while not seen:
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(check(), HANG_S)) == [1]

@@ -22,7 +22,7 @@ int simd_from_name(const std::string& name) {
 void soft_values(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight, int64_t weight_row_stride,
                  int dtype, uintptr_t bias, uintptr_t targets, int64_t n, int64_t d, int64_t v, double alpha,
                  double softcap, bool with_entropy, uintptr_t value, uintptr_t target_logit, uintptr_t entropy,
-                 const std::string& simd, int threads) {
+                 const std::string& simd, int threads, uintptr_t logit_sum) {
   endokern::Problem pb;
   pb.hidden = reinterpret_cast<const void*>(hidden);
   pb.hidden_row_stride = hidden_row_stride;
@@ -40,6 +40,8 @@ void soft_values(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight, 
   pb.value = reinterpret_cast<float*>(value);
   pb.target_logit = reinterpret_cast<float*>(target_logit);
   pb.entropy = reinterpret_cast<float*>(entropy);
+  pb.with_logit_sum = logit_sum != 0;  // a buffer given: sum_j z_j per row is asked for
+  pb.logit_sum = reinterpret_cast<float*>(logit_sum);
   const int path = simd_from_name(simd);
   py::gil_scoped_release release;
   endokern::soft_values(pb, path, threads);
@@ -60,6 +62,7 @@ PYBIND11_MODULE(_cpu_kernel, m) {
         py::arg("hidden"), py::arg("hidden_row_stride"), py::arg("weight"), py::arg("weight_row_stride"),
         py::arg("dtype"), py::arg("bias"), py::arg("targets"), py::arg("n"), py::arg("d"), py::arg("v"),
         py::arg("alpha"), py::arg("softcap"), py::arg("with_entropy"), py::arg("value"),
-        py::arg("target_logit"), py::arg("entropy"), py::arg("simd") = "auto", py::arg("threads") = 0);
+        py::arg("target_logit"), py::arg("entropy"), py::arg("simd") = "auto", py::arg("threads") = 0,
+        py::arg("logit_sum") = 0);
   m.def("supported_simd", &supported_simd, "The SIMD paths this CPU runs, best last");
 }

@@ -108,6 +108,7 @@ struct RowState {
   float sum = 0.0f;       // sum 2^(u - max)
   float ent = 0.0f;       // sum 2^(u - max) * (u - max)
   float target = 0.0f;
+  float lsum = 0.0f;      // sum of z (after bias and softcap, before 1/alpha), when asked
 };
 
 // Folds one row's tile maximum and tile sums into its running state (same for every path).
@@ -185,15 +186,18 @@ struct Portable {
   }
   // z: one row of the logits tile (vbp entries, the first vb real); bias: the tile's padded bias.
   static void epilogue(float* z, int vb, int vbp, const float* bias, float cap, float scale, bool with_ent,
-                       RowState& st) {
+                       bool with_sum, RowState& st) {
     float tile_max = -std::numeric_limits<float>::infinity();
+    float zsum = 0.0f;
     for (int c = 0; c < vb; ++c) {
       float x = z[c];
       if (bias) x += bias[c];
       if (cap > 0) x = softcap_scalar(x, cap);
       z[c] = x;
       tile_max = std::max(tile_max, x * scale);
+      if (with_sum) zsum += x;
     }
+    if (with_sum) st.lsum += zsum;
     const float new_max = std::max(st.max, tile_max);
     float sum = 0.0f, ent = 0.0f;
     for (int c = 0; c < vb; ++c) {
@@ -275,9 +279,10 @@ struct Avx2 {
     }
   }
   ENDOKERN_AVX2 static void epilogue(float* z, int vb, int vbp, const float* bias, float cap, float scale,
-                                     bool with_ent, RowState& st) {
+                                     bool with_ent, bool with_sum, RowState& st) {
     const __m256 vscale = _mm256_set1_ps(scale);
     __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 vzsum = _mm256_setzero_ps();  // sum of z over the full vectors, when asked
     const int full = vb - vb % 8;
     for (int c = 0; c < vbp; c += 8) {
       __m256 x = _mm256_load_ps(z + c);
@@ -293,13 +298,22 @@ struct Avx2 {
         x = _mm256_mul_ps(vcap, _mm256_or_ps(t, sign));
       }
       _mm256_store_ps(z + c, x);
-      if (c < full) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(x, vscale));
+      if (c < full) {
+        vmax = _mm256_max_ps(vmax, _mm256_mul_ps(x, vscale));
+        if (with_sum) vzsum = _mm256_add_ps(vzsum, x);
+      }
     }
     float tile_max = hmax_avx2(vmax);
+    float zsum_tail = 0.0f;
     for (int c = full; c < vbp; ++c) {
-      if (c < vb) tile_max = std::max(tile_max, z[c] * scale);
-      else z[c] = -std::numeric_limits<float>::infinity();  // padded columns weigh nothing
+      if (c < vb) {
+        tile_max = std::max(tile_max, z[c] * scale);
+        zsum_tail += z[c];
+      } else {
+        z[c] = -std::numeric_limits<float>::infinity();  // padded columns weigh nothing
+      }
     }
+    if (with_sum) st.lsum += hsum_avx2(vzsum) + zsum_tail;
     const float new_max = std::max(st.max, tile_max);
     const __m256 vnew = _mm256_set1_ps(new_max), floor = _mm256_set1_ps(kFloorExp2);
     __m256 vsum = _mm256_setzero_ps(), vent = _mm256_setzero_ps();
@@ -336,9 +350,10 @@ ENDOKERN_AVX512 inline __m512 exp2_avx512(__m512 x) {
 }
 
 ENDOKERN_AVX512 void epilogue_avx512(float* z, int vb, int vbp, const float* bias, float cap, float scale,
-                                     bool with_ent, RowState& st) {
+                                     bool with_ent, bool with_sum, RowState& st) {
   const __m512 vscale = _mm512_set1_ps(scale);
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vzsum = _mm512_setzero_ps();  // sum of z over the real columns, when asked
   for (int c = 0; c < vbp; c += 16) {
     const int left = vb - c;
     const __mmask16 real = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
@@ -354,11 +369,13 @@ ENDOKERN_AVX512 void epilogue_avx512(float* z, int vb, int vbp, const float* bia
       t = _mm512_mask_sub_ps(t, negative, _mm512_setzero_ps(), t);
       x = _mm512_mul_ps(vcap, t);
     }
+    if (with_sum) vzsum = _mm512_mask_add_ps(vzsum, real, vzsum, x);
     // padded columns weigh nothing
     x = _mm512_mask_blend_ps(real, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), x);
     _mm512_store_ps(z + c, x);
     vmax = _mm512_max_ps(vmax, _mm512_mul_ps(x, vscale));
   }
+  if (with_sum) st.lsum += _mm512_reduce_add_ps(vzsum);
   const float new_max = std::max(st.max, _mm512_reduce_max_ps(vmax));
   const __m512 vnew = _mm512_set1_ps(new_max), floor = _mm512_set1_ps(kFloorExp2);
   __m512 vsum = _mm512_setzero_ps(), vent = _mm512_setzero_ps();
@@ -401,8 +418,8 @@ struct Avx512 {
     }
   }
   static void epilogue(float* z, int vb, int vbp, const float* bias, float cap, float scale, bool with_ent,
-                       RowState& st) {
-    epilogue_avx512(z, vb, vbp, bias, cap, scale, with_ent, st);
+                       bool with_sum, RowState& st) {
+    epilogue_avx512(z, vb, vbp, bias, cap, scale, with_ent, with_sum, st);
   }
 };
 
@@ -470,8 +487,8 @@ struct Avx512Bf16 {
     }
   }
   static void epilogue(float* z, int vb, int vbp, const float* bias, float cap, float scale, bool with_ent,
-                       RowState& st) {
-    epilogue_avx512(z, vb, vbp, bias, cap, scale, with_ent, st);
+                       bool with_sum, RowState& st) {
+    epilogue_avx512(z, vb, vbp, bias, cap, scale, with_ent, with_sum, st);
   }
 };
 
@@ -527,7 +544,8 @@ void run(const Problem& pb, int threads) {
           for (int r = 0; r < rows; ++r) {
             RowState& st = state[r0 - row_begin + r];
             float* z = L.data + r * vbp;
-            Path::epilogue(z, vb, vbp, pb.bias ? bias_tile.data : nullptr, cap, scale, pb.with_entropy, st);
+            Path::epilogue(z, vb, vbp, pb.bias ? bias_tile.data : nullptr, cap, scale, pb.with_entropy,
+                           pb.with_logit_sum, st);
             const int64_t t = pb.targets[r0 + r] - v0;  // epilogue left biased, softcapped z in place
             if (pb.targets[r0 + r] >= 0 && t >= 0 && t < vb) st.target += z[t];
           }
@@ -539,6 +557,7 @@ void run(const Problem& pb, int threads) {
         pb.value[i] = pb.alpha * kLn2 * (st.max + log2_sum);
         pb.target_logit[i] = st.target;
         if (pb.with_entropy && pb.entropy) pb.entropy[i] = kLn2 * (log2_sum - st.ent / st.sum);
+        if (pb.with_logit_sum && pb.logit_sum) pb.logit_sum[i] = st.lsum;
       }
     }
   }

@@ -3,6 +3,7 @@
 // For each row i of hidden [N, D] and the LM head weight [V, D] (optional bias [V], softcap c):
 //   z = W h_i + b, z <- c * tanh(z / c);  value = alpha * logsumexp(z / alpha);
 //   target_logit = z[target_i] (left 0 where target_i < 0);  entropy = H(softmax(z / alpha)).
+//   logit_sum = sum_j z_j (when asked: one more running sum in the same pass).
 // fp32 accumulation; each row's arithmetic is the same whatever the other rows are (deterministic,
 // row-independent); no N x V buffer: per thread one packed weight tile, one hidden micro-tile and one
 // tile of logits that stays in L1.
@@ -34,6 +35,8 @@ struct Problem {
   float* value;              // [N]
   float* target_logit;       // [N]
   float* entropy;            // [N] or nullptr
+  bool with_logit_sum = false;  // also sum_j z_j per row (after bias and softcap, before 1/alpha)
+  float* logit_sum = nullptr;   // [N] or nullptr
 };
 
 bool simd_supported(int simd);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,6 +30,23 @@ def soft_values64(hidden, weight, targets=None, *, alpha=1.0, bias=None, softcap
         picked = z.gather(1, torch.where(has, targets, 0).unsqueeze(1)).squeeze(1)
         target = torch.where(has, picked, torch.full_like(picked, float("nan")))
     return value, target, entropy
+
+
+def logit_sums64(hidden, weight, bias=None, softcap=None):
+    """(sum_j z_j, scale) per row in float64. ``scale = sum_j (|z_j| + sum_k |h_k w_jk| + |b_j|)`` bounds what fp32
+    arithmetic can get wrong: each z_j's dot product and bias add err by at most about (D + 1) ulps of its terms (a
+    softcap's derivative is at most 1), and a blocked fp32 sum by at most its depth in ulps of sum_j |z_j|."""
+    z = logits64(hidden, weight, bias, softcap)
+    scale = z.abs().sum(dim=1) + hidden.double().abs() @ weight.double().abs().sum(dim=0)
+    if bias is not None:
+        scale = scale + bias.double().abs().sum()
+    return z.sum(dim=1), scale
+
+
+def self_certainty64(hidden, weight, bias=None, softcap=None):
+    """Self-certainty per row in float64 from the full logits: KL(uniform || softmax(z)) = LSE(z) - mean(z) - log V."""
+    z = logits64(hidden, weight, bias, softcap)
+    return torch.logsumexp(z, dim=1) - z.mean(dim=1) - math.log(z.shape[1])
 
 
 def soft_values_in_dtype(hidden, weight, targets=None, *, alpha=1.0, bias=None, softcap=None, ignore_index=-100):

@@ -40,6 +40,7 @@ def forward(
     softcap: Optional[float],
     return_entropy: bool,
     simd: Optional[str] = None,
+    return_logit_sum: bool = False,
 ):
     if _cpu_kernel is None:
         raise RuntimeError(UNAVAILABLE)
@@ -55,10 +56,14 @@ def forward(
     value = torch.empty(n, dtype=torch.float32)
     target_logit = torch.empty(n, dtype=torch.float32)
     entropy = torch.empty(n, dtype=torch.float32) if return_entropy else None
+    logit_sum = torch.empty(n, dtype=torch.float32) if return_logit_sum else None
     _cpu_kernel.soft_values(
         hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0), DTYPE_CODES[hidden.dtype],
         bias.data_ptr() if bias is not None else 0, targets.data_ptr(), n, d, v, float(alpha),
         float(softcap) if softcap is not None else 0.0, return_entropy, value.data_ptr(), target_logit.data_ptr(),
         entropy.data_ptr() if entropy is not None else 0, simd, torch.get_num_threads(),
+        logit_sum=logit_sum.data_ptr() if logit_sum is not None else 0,
     )
+    if return_logit_sum:
+        return value, target_logit, entropy, logit_sum
     return value, target_logit, entropy

@@ -5,7 +5,9 @@ logits are ``z_i = W h_i + b`` then ``z_i <- c * tanh(z_i / c)``, and for each r
 
 - ``value[i]        = alpha * logsumexp(z_i / alpha)`` over the whole vocabulary (the soft value V),
 - ``target_logit[i] = z_i[targets[i]]`` (NaN where the row has no target),
-- ``entropy[i]      = H(softmax(z_i / alpha))`` when asked.
+- ``entropy[i]      = H(softmax(z_i / alpha))`` when asked,
+- ``logit_sum[i]    = sum_j z_ij`` when asked (after bias and softcap, before the 1/alpha scale; with ``value`` at
+  alpha 1 it gives the self-certainty ``LSE(z) - sum_j z_j / V - log V``, see :mod:`endokern.reward`).
 
 No backend ever allocates an ``N x V`` tensor; accumulation is fp32 whatever the input dtype, and a
 row's bits do not depend on the other rows of the batch.
@@ -24,11 +26,13 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SoftValues(NamedTuple):
-    """fp32 ``[N]`` tensors: ``value`` (V), ``target_logit`` (Q of the target, NaN if none), ``entropy``."""
+    """fp32 ``[N]`` tensors: ``value`` (V), ``target_logit`` (Q of the target, NaN if none), ``entropy`` and
+    ``logit_sum`` (None unless asked)."""
 
     value: torch.Tensor
     target_logit: torch.Tensor
     entropy: Optional[torch.Tensor]
+    logit_sum: Optional[torch.Tensor] = None
 
 
 def soft_values(
@@ -42,6 +46,7 @@ def soft_values(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    return_logit_sum: bool = False,
 ) -> SoftValues:
     """Soft values, target logits and (optionally) entropies of ``hidden @ weight.T (+ bias)``.
 
@@ -54,6 +59,8 @@ def soft_values(
         softcap: final logit softcap ``c > 0`` (``z <- c * tanh(z / c)``), or None.
         ignore_index: the target id that marks a row without a target.
         return_entropy: also return the entropy of ``softmax(z / alpha)``.
+        return_logit_sum: also return ``sum_j z_j`` per row (fp32 accumulation; one more running sum in the same
+            pass, nothing extra when off).
         backend: ``"auto"`` (triton on CUDA, the C++ kernel on CPU when built, else torch),
             ``"triton"``, ``"cpu"`` or ``"torch"``.
 
@@ -102,12 +109,15 @@ def soft_values(
     impl = registry.resolve(backend, device)
     if n == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return SoftValues(empty, empty.clone(), empty.clone() if return_entropy else None)
-    value, target_logit, entropy = impl(
-        hidden, weight, target_ids, bias=bias, alpha=alpha, softcap=softcap, return_entropy=return_entropy
+        return SoftValues(empty, empty.clone(), empty.clone() if return_entropy else None,
+                          empty.clone() if return_logit_sum else None)
+    extra = {"return_logit_sum": True} if return_logit_sum else {}  # backends return a 4th tensor when asked
+    value, target_logit, entropy, *rest = impl(
+        hidden, weight, target_ids, bias=bias, alpha=alpha, softcap=softcap, return_entropy=return_entropy, **extra
     )
+    logit_sum = rest[0] if return_logit_sum else None
     target_logit = torch.where(target_ids >= 0, target_logit, torch.full_like(target_logit, math.nan))
-    return SoftValues(value, target_logit, entropy if return_entropy else None)
+    return SoftValues(value, target_logit, entropy if return_entropy else None, logit_sum)
 
 
 def _check_tensor(name: str, x, ndim: int) -> None:

@@ -2,7 +2,8 @@
 
 The fallback on any device and the fast twin of the float64 oracle. Outer loop over vocabulary chunks
 (each weight chunk converted to fp32 once), inner loop over row chunks, with a running
-(max, sum, entropy sum, target logit) per row: the online logsumexp of the Triton and C++ kernels.
+(max, sum, entropy sum, target logit) per row: the online logsumexp of the Triton and C++ kernels; with
+``return_logit_sum`` also the running sum of the logits (then the result has a fourth tensor).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def forward(
     alpha: float,
     softcap: Optional[float],
     return_entropy: bool,
+    return_logit_sum: bool = False,
 ):
     n, d = hidden.shape
     v = weight.shape[0]
@@ -35,6 +37,7 @@ def forward(
     run_sum = torch.zeros(n, **f32)  # sum exp(z / alpha - run_max)
     run_ent = torch.zeros(n, **f32)  # sum exp(u - run_max) * (u - run_max), u = z / alpha
     target_logit = torch.zeros(n, **f32)
+    run_lsum = torch.zeros(n, **f32) if return_logit_sum else None  # sum of z (after bias and softcap)
     rows_f32 = torch.empty(ROW_CHUNK, d, **f32)
     inv_alpha = 1.0 / alpha
 
@@ -60,6 +63,8 @@ def forward(
             in_chunk = (tgt >= 0) & (tgt < v1 - v0)
             picked = z.gather(1, tgt.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
             target_logit[r0:r1] += torch.where(in_chunk, picked, torch.zeros_like(picked))[:rows]
+            if run_lsum is not None:
+                run_lsum[r0:r1] += z.sum(dim=1)[:rows]
 
             u = z.mul_(inv_alpha)
             old_max = torch.full((ROW_CHUNK,), -torch.inf, **f32)
@@ -81,4 +86,6 @@ def forward(
     log_sum = torch.log(run_sum)
     value = alpha * (run_max + log_sum)
     entropy = log_sum - run_ent / run_sum if return_entropy else None
+    if return_logit_sum:
+        return value, target_logit, entropy, run_lsum
     return value, target_logit, entropy

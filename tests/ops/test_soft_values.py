@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import TEST_DEVICE, backend_params
-from oracle import logits64, soft_values64, soft_values_in_dtype
+from oracle import logit_sums64, logits64, soft_values64, soft_values_in_dtype
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import endokern
@@ -36,6 +36,8 @@ def make_inputs(gen, n, d, v, dtype, *, case="normal", ignore_frac=0.2, with_bia
         hidden *= 2.0
     elif case == "large":  # |z| around 1e3
         hidden *= 1e3
+    elif case == "tiny":  # |z| around 1e-3
+        hidden *= 1e-3
     else:
         raise ValueError(case)
     ignored = torch.rand(n, generator=gen) < ignore_frac
@@ -66,6 +68,11 @@ def assert_close_to_oracle(result, hidden, weight, targets, *, alpha, bias, soft
     if result.entropy is not None:
         scale = (zmax / alpha).clamp(min=1.0) * max(1.0, math.log(v))
         checks.append(("entropy", result.entropy, ref_e, RTOL * torch.maximum(ref_e.abs(), scale)))
+    if getattr(result, "logit_sum", None) is not None:
+        # fp32 error of a sum of V logits: bounded by a few hundred ulps (dot product over D, a blocked sum over V)
+        # of the sum of the magnitudes it adds, logit_sums64's scale; 1e-5 of it is ~170 ulps.
+        ref_s, scale = logit_sums64(hidden, weight, bias, softcap)
+        checks.append(("logit_sum", result.logit_sum, ref_s, RTOL * scale))
     for name, got, ref, tol in checks:
         got = got.double().cpu()
         ref, tol = ref.cpu(), tol.cpu()
@@ -88,7 +95,7 @@ SHAPES = [(37, 64, 1000), (130, 48, 777), (1, 32, 300), (9, 16, 2100)]
 @pytest.mark.parametrize("n,d,v", SHAPES, ids=lambda x: str(x))
 def test_matches_oracle_shapes(gen, backend, dtype, n, d, v):
     hidden, weight, targets, _ = make_inputs(gen, n, d, v, dtype)
-    out = endokern.soft_values(hidden, weight, targets, return_entropy=True, backend=backend)
+    out = endokern.soft_values(hidden, weight, targets, return_entropy=True, return_logit_sum=True, backend=backend)
     for t in out:
         assert t.dtype == torch.float32 and t.shape == (n,) and t.device == hidden.device
     assert_close_to_oracle(out, hidden, weight, targets, alpha=1.0, bias=None, softcap=None, label=backend)
@@ -102,6 +109,8 @@ CASES = [
     dict(case="large", alpha=1.0, with_bias=False, softcap=None),
     dict(case="large", alpha=2.0, with_bias=True, softcap=None),
     dict(case="large", alpha=0.5, with_bias=False, softcap=30.0),
+    dict(case="tiny", alpha=2.0, with_bias=False, softcap=None),
+    dict(case="tiny", alpha=0.5, with_bias=True, softcap=30.0),
 ]
 
 
@@ -113,7 +122,8 @@ def test_matches_oracle_cases(gen, backend, dtype, params):
     alpha, softcap = params.pop("alpha"), params.pop("softcap")
     hidden, weight, targets, bias = make_inputs(gen, 45, 40, 613, dtype, **params)
     out = endokern.soft_values(
-        hidden, weight, targets, alpha=alpha, bias=bias, softcap=softcap, return_entropy=True, backend=backend
+        hidden, weight, targets, alpha=alpha, bias=bias, softcap=softcap, return_entropy=True, backend=backend,
+        return_logit_sum=True,
     )
     assert_close_to_oracle(out, hidden, weight, targets, alpha=alpha, bias=bias, softcap=softcap, label=backend)
     if params["case"] == "peaked" and softcap is None:  # really peaked: the target takes most of the mass
@@ -156,7 +166,7 @@ def test_no_targets_and_all_ignored(gen, backend):
 def test_deterministic_and_row_independent(gen, backend, dtype):
     n = 130
     hidden, weight, targets, bias = make_inputs(gen, n, 48, 777, dtype, with_bias=True)
-    kwargs = dict(alpha=0.8, bias=bias, softcap=30.0, return_entropy=True, backend=backend)
+    kwargs = dict(alpha=0.8, bias=bias, softcap=30.0, return_entropy=True, return_logit_sum=True, backend=backend)
     first = endokern.soft_values(hidden, weight, targets, **kwargs)
     second = endokern.soft_values(hidden, weight, targets, **kwargs)
     for a, b in zip(first, second):
@@ -252,8 +262,28 @@ def test_strided_inputs(gen, backend):
 
 def test_empty_batch():
     w = torch.randn(10, 4)
-    out = endokern.soft_values(torch.randn(0, 4), w, torch.zeros(0, dtype=torch.int64), return_entropy=True)
-    assert out.value.shape == (0,) and out.entropy.shape == (0,)
+    out = endokern.soft_values(torch.randn(0, 4), w, torch.zeros(0, dtype=torch.int64), return_entropy=True,
+                               return_logit_sum=True)
+    assert out.value.shape == (0,) and out.entropy.shape == (0,) and out.logit_sum.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logit_sum_is_off_by_default_and_changes_nothing_else(gen, backend, dtype):
+    """The logit sum is a separate accumulator: asking for it leaves the other outputs' bits as they are, and
+    without it the backend is called as before (no flag, three tensors back)."""
+    from endokern.ops import registry
+
+    hidden, weight, targets, bias = make_inputs(gen, 21, 40, 1300, dtype, with_bias=True)
+    kwargs = dict(alpha=0.6, bias=bias, softcap=30.0, return_entropy=True, backend=backend)
+    plain = endokern.soft_values(hidden, weight, targets, **kwargs)
+    assert plain.logit_sum is None
+    both = endokern.soft_values(hidden, weight, targets, return_logit_sum=True, **kwargs)
+    for a, b in zip(plain[:3], both[:3]):
+        assert same_bits(a, b)
+    impl = registry.resolve(backend, hidden.device)
+    ids = torch.where(targets == -100, -1, targets)
+    assert len(impl(hidden, weight, ids, bias=bias.float(), alpha=0.6, softcap=30.0, return_entropy=False)) == 3
 
 
 # ---- clear errors for every bad input of SPEC section 2 -------------------------------------------------
@@ -410,11 +440,12 @@ def test_cpu_simd_paths_match_oracle(gen, monkeypatch, simd, dtype, n, d, v):
     # CPU tensors also on a CUDA machine: the C++ kernel runs CPU tensors only.
     hidden, weight, targets, bias = make_inputs(gen, n, d, v, dtype, with_bias=True, device="cpu")
     for kwargs in (dict(alpha=0.5, bias=bias, softcap=30.0), dict(alpha=2.0, bias=None, softcap=None)):
-        out = endokern.soft_values(hidden, weight, targets, return_entropy=True, backend="cpu", **kwargs)
+        out = endokern.soft_values(hidden, weight, targets, return_entropy=True, return_logit_sum=True,
+                                   backend="cpu", **kwargs)
         assert_close_to_oracle(out, hidden, weight, targets, label=simd, **kwargs)
     row = n // 2
     alone = endokern.soft_values(hidden[row : row + 1], weight, targets[row : row + 1], backend="cpu",
-                                 return_entropy=True, **kwargs)
+                                 return_entropy=True, return_logit_sum=True, **kwargs)
     for full, single in zip(out, alone):
         assert same_bits(full[row : row + 1], single)
 

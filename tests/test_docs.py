@@ -52,6 +52,7 @@ EXTERNAL = {
     "ray": "starts or joins a Ray cluster",
     "curl": "talks to a running endokern serve server",
     "pytest-benchmark": "compares saved benchmark runs",
+    "git": "commits results to the repository",
 }
 # The fixture model with a small chat template (the default model is a chat model); as in tests/test_tokenization.py.
 CHAT_TEMPLATE = (
@@ -393,7 +394,8 @@ def check_other(argv: List[str]) -> Optional[str]:
     if program in EXTERNAL:
         return EXTERNAL[program]
     if program == "pip" or (re.search(r"(^|/)python3?$", program) and argv[1:3] == ["-m", "pip"]):
-        words = argv[argv.index("install") + 1:]
+        verb = next(w for w in argv[1:] if w in ("install", "download"))
+        words = argv[argv.index(verb) + 1:]
         for word in words:
             extras = re.match(r"^(?:\.|endokern)\[([^\]]*)\]$", word)
             if extras:

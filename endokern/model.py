@@ -10,15 +10,17 @@ results in input order.
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from . import machine
 from .batching import Batch, batches
 from .ops import soft_values
-from .reward import IGNORE_INDEX, ResponseRows, sequence_rewards
+from .reward import IGNORE_INDEX, ResponseRows, self_certainty_rows, sequence_rewards
 from .settings import ModelSettings, SettingsError, check_reward
 from .tokenization import Encoded, EncodeError, Encoder, TextExample, end_of_turn_ids
 
@@ -44,6 +46,10 @@ class ScoreResult:
     token_values: Optional[List[float]] = None
     token_entropies: Optional[List[float]] = None
     final_value: Optional[float] = None  # V(s_{H+1}), the value after the last response token (with per_token)
+    # With self_certainty: the mean over the response's states of KL(U || softmax(z)) (endokern/reward.py), and with
+    # per_token too, its value at each state.
+    self_certainty: Optional[float] = None
+    token_self_certainty: Optional[List[float]] = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ class EndoRM:
     Options: ``alpha``, ``gamma``, ``terminal``, ``reduce`` (the reward's options, checked by
     :func:`endokern.settings.check_reward`), ``backend`` (of ``soft_values``), ``packing`` and ``share_prompts``
     (``"auto"``, True or False: padding-free batches, one forward per shared prompt), ``batch_tokens`` (tokens per
-    forward batch), ``verify_head`` (the load-time probe of the LM head).
+    forward batch), ``verify_head`` (the load-time probe of the LM head), ``threads`` (CPU threads of torch and the
+    C++ kernel: a count, ``"all"``, or ``"auto"``/None: see :func:`endokern.machine.resolve_threads`).
     """
 
     def __init__(
@@ -93,8 +100,13 @@ class EndoRM:
         batch_tokens: Optional[int] = None,
         share_prompts: Union[str, bool] = "auto",
         verify_head: bool = True,
+        threads: Optional[Union[int, str]] = None,
     ):
         check_reward(alpha, gamma, terminal, reduce)
+        try:
+            machine.parse_threads(threads)
+        except ValueError as err:
+            raise SettingsError(f"threads: {err}") from None
         if packing not in ("auto", True, False):
             raise SettingsError(f"packing must be 'auto', True or False, got {packing!r}")
         if batch_tokens is not None and batch_tokens < 1:
@@ -121,6 +133,19 @@ class EndoRM:
                              f"{self.attn_implementation!r}{' with packing' if self.packing else ''}")
         self.share_prompts = can_share if share_prompts == "auto" else bool(share_prompts)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        # CPU threads: torch's intra-op pool and the C++ kernel (which takes torch's count) use one number, set
+        # before each batch (process-wide, as torch.set_num_threads is); None off the CPU.
+        self.threads: Optional[int] = None
+        self.threads_reason = ""
+        self._thread_policy: Optional[machine.ThreadPolicy] = None
+        if device_type == "cpu":
+            count, adaptive, self.threads_reason = machine.resolve_threads(threads)
+            usable = machine.usable_cpus()[0] if adaptive else count
+            self._thread_policy = machine.ThreadPolicy(usable, adaptive)
+            if adaptive:
+                self._thread_policy._seen = [usable - count]
+            self.threads = count
+            self._apply_threads()
         if verify_head:
             self._verify_head()
 
@@ -140,7 +165,9 @@ class EndoRM:
         ``kwargs`` holds this class's options (``alpha``, ``gamma``, ``terminal``, ``reduce``, ``backend``,
         ``packing``, ``batch_tokens``, ``share_prompts``, ``verify_head``: see :class:`EndoRM`); any other keyword
         goes to ``AutoModelForCausalLM.from_pretrained``. ``dtype`` defaults to bfloat16 on CUDA and float32
-        elsewhere. A ``.gguf`` file is dequantized once and cached as safetensors (``cache_dir``, default
+        elsewhere; ``"auto"`` takes bfloat16 on a CPU with native bf16 dot products (AVX512_BF16, AMX) and float32
+        on one without (:func:`endokern.machine.auto_dtype`), and says which on standard error; an explicit bfloat16
+        on a CPU without them warns in one line (it is emulated, and slower than float32). A ``.gguf`` file is dequantized once and cached as safetensors (``cache_dir``, default
         ``$ENDOKERN_CACHE`` or ``~/.cache/endokern``).
         """
         options = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer"}
@@ -152,7 +179,7 @@ class EndoRM:
 
         path = resolve_model(name_or_path, cache_dir=cache_dir)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = _resolve_dtype(dtype, device)
         if "attn_implementation" not in hf_kwargs and device.type == "cuda" and dtype != torch.float32:
             from transformers.utils import is_flash_attn_2_available
 
@@ -171,6 +198,14 @@ class EndoRM:
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    def _apply_threads(self) -> None:
+        """Set torch's thread count to the policy's (on CPU; before each batch)."""
+        if self._thread_policy is None:
+            return
+        self.threads = self._thread_policy.threads()
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def _verify_head(self) -> None:
         """Check on a short probe that the backbone's hidden states and :class:`LMHead` give the model's logits.
@@ -217,9 +252,11 @@ class EndoRM:
         per_token: bool = False,
         entropy: bool = False,
         progress: bool = False,
+        self_certainty: bool = False,
     ) -> List[ScoreResult]:
         """Score texts: ``prompts`` with ``responses`` (equal lengths), or ``messages`` conversations whose last
-        turn is the assistant's response. Tokenized by endokern/tokenization.py (``template``: auto, plain, chat)."""
+        turn is the assistant's response. Tokenized by endokern/tokenization.py (``template``: auto, plain, chat).
+        ``self_certainty``: also fill ``result.self_certainty`` (see :meth:`score_encoded`)."""
         if messages is not None:
             if prompts is not None or responses is not None:
                 raise ValueError("give either messages or prompts and responses, not both")
@@ -236,7 +273,8 @@ class EndoRM:
         for i, item in enumerate(encoded):
             if isinstance(item, EncodeError):
                 raise EncodeError(f"example {i}: {item}")
-        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress)
+        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress,
+                                  self_certainty=self_certainty)
 
     def score_ids(
         self,
@@ -246,6 +284,7 @@ class EndoRM:
         per_token: bool = False,
         entropy: bool = False,
         progress: bool = False,
+        self_certainty: bool = False,
     ) -> List[ScoreResult]:
         """Score lists of token ids (each prompt ``p >= 1`` tokens, each response ``H >= 1``)."""
         if len(prompt_ids) != len(response_ids):
@@ -259,7 +298,8 @@ class EndoRM:
             if min(p + r) < 0 or max(p + r) >= vocab:
                 raise ValueError(f"example {i}: a token id is outside the vocabulary [0, {vocab})")
             encoded.append(Encoded(p, r))
-        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress)
+        return self.score_encoded(encoded, per_token=per_token, entropy=entropy, progress=progress,
+                                  self_certainty=self_certainty)
 
     def score_encoded(
         self,
@@ -268,9 +308,13 @@ class EndoRM:
         per_token: bool = False,
         entropy: bool = False,
         progress: Union[bool, Callable[[int, int], None]] = False,
+        self_certainty: bool = False,
     ) -> List[ScoreResult]:
         """Score encoded examples; results in input order. ``progress``: a tqdm bar, or a callback
-        ``(examples, forward_tokens)`` called after each batch (the tokens the model ran: a shared prompt once)."""
+        ``(examples, forward_tokens)`` called after each batch (the tokens the model ran: a shared prompt once).
+        ``self_certainty``: also the mean over the response's states of ``KL(U || softmax(z)) = LSE(z) - mean(z) -
+        log V`` (endokern/reward.py), at temperature 1 whatever ``alpha``: with ``alpha = 1`` from the same kernel pass
+        (one more running sum), otherwise from a second pass over the vocabulary at alpha 1."""
         if self.max_positions:
             for i, ex in enumerate(encoded):
                 if ex.length > self.max_positions:
@@ -285,7 +329,7 @@ class EndoRM:
         try:
             for batch in batches(encoded, batch_tokens=self.batch_tokens, packing=self.packing,
                                  share_prompts=self.share_prompts):
-                for slot, result in zip(batch.order, self._score_batch(batch, per_token, entropy)):
+                for slot, result in zip(batch.order, self._score_batch(batch, per_token, entropy, self_certainty)):
                     results[slot] = result
                 if report is not None:
                     report(len(batch.order), batch.forward_tokens)
@@ -295,8 +339,10 @@ class EndoRM:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_batch(self, batch: Batch, per_token: bool, entropy: bool) -> List[ScoreResult]:
+    def _score_batch(self, batch: Batch, per_token: bool, entropy: bool, self_certainty: bool = False
+                     ) -> List[ScoreResult]:
         device = self.device
+        self._apply_threads()
         mask = batch.attention_mask
         if mask is not None:
             mask = mask.to(device)
@@ -320,10 +366,17 @@ class EndoRM:
         out = soft_values(
             states, self.head.weight, rows.targets, alpha=self.alpha, bias=bias, softcap=self.head.softcap,
             ignore_index=IGNORE_INDEX, return_entropy=entropy, backend=self.backend,
+            return_logit_sum=self_certainty and self.alpha == 1.0,
         )
+        certainty = None
+        if self_certainty:  # LSE(z) is the value at alpha 1: this pass's, else one more pass at alpha 1
+            at_one = out if self.alpha == 1.0 else soft_values(
+                states, self.head.weight, None, alpha=1.0, bias=bias, softcap=self.head.softcap,
+                return_logit_sum=True, backend=self.backend)
+            certainty = self_certainty_rows(at_one.value, at_one.logit_sum, self.head.weight.shape[0])
         rewards = sequence_rewards(
             out.value, out.target_logit, rows.cu_rows, alpha=self.alpha, gamma=self.gamma,
-            terminal=self.terminal, reduce=self.reduce, entropy=out.entropy,
+            terminal=self.terminal, reduce=self.reduce, entropy=out.entropy, self_certainty=certainty,
         )
         return _to_results(rewards, per_token, entropy)
 
@@ -331,10 +384,13 @@ class EndoRM:
 def _to_results(rewards, per_token: bool, entropy: bool) -> List[ScoreResult]:
     cols = {k: getattr(rewards, k).cpu().tolist() for k in ("reward", "reward_mean", "reward_sum", "logprob", "num_tokens")}
     tokens: Dict[str, List[List[float]]] = {}
+    if rewards.self_certainty is not None:
+        cols["self_certainty"] = rewards.self_certainty.cpu().tolist()
     if per_token or entropy:
         bounds = rewards.cu_tokens.cpu().tolist()
         names = ["token_rewards", "token_logprobs", "token_values"] if per_token else []
         names += ["token_entropies"] if entropy else []
+        names += ["token_self_certainty"] if per_token and rewards.token_self_certainty is not None else []
         for name in names:
             flat = getattr(rewards, name).cpu().tolist()
             tokens[name] = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -344,10 +400,29 @@ def _to_results(rewards, per_token: bool, entropy: bool) -> List[ScoreResult]:
         ScoreResult(
             reward=cols["reward"][b], reward_mean=cols["reward_mean"][b], reward_sum=cols["reward_sum"][b],
             logprob=cols["logprob"][b], num_tokens=int(cols["num_tokens"][b]),
+            self_certainty=cols["self_certainty"][b] if "self_certainty" in cols else None,
             **{name: values[b] for name, values in tokens.items()},
         )
         for b in range(len(cols["reward"]))
     ]
+
+
+def _resolve_dtype(dtype: Optional[Union[str, torch.dtype]], device: torch.device) -> torch.dtype:
+    """The model dtype of :meth:`EndoRM.from_pretrained` (None: bf16 on CUDA, fp32 elsewhere; ``auto``: by the
+    hardware), with its line on standard error: the choice of ``auto``, or the warning for emulated bf16."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype == "auto":
+        name, reason = machine.auto_dtype(device.type)
+        if device.type == "cpu":
+            print(f"endokern: --dtype auto: {name} ({reason})", file=sys.stderr)
+        return _parse_dtype(name)
+    parsed = _parse_dtype(dtype)
+    if parsed == torch.bfloat16 and device.type == "cpu":
+        warning = machine.emulated_bf16_warning()
+        if warning is not None:
+            print(warning, file=sys.stderr)
+    return parsed
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:

@@ -27,7 +27,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the demo's model (endokern.assets fet
 TERMINALS = ("zero", "bootstrap")  # V(s_{H+1}) after the last response token: 0, or the model's value there
 REDUCTIONS = ("sum", "mean")
 TEMPLATES = ("auto", "plain", "chat")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bf16 where the CPU has native bf16 dot products
 BACKENDS = ("auto", "triton", "cpu", "torch")
 PACKINGS = {"auto": "auto", "on": True, "off": False}  # the command line's words -> EndoRM's packing
 COMMANDS = ("score", "compare", "rank", "filter")
@@ -119,8 +119,12 @@ class ModelSettings:
     terminal: str = _opt("zero", group="reward", choices=TERMINALS, key=True)
     reduce: str = _opt("sum", group="reward", choices=REDUCTIONS, key=True)
     device: Optional[str] = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda when present)", group="model")
-    dtype: Optional[str] = _opt(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", group="model",
-                                choices=DTYPES, key=True)
+    dtype: Optional[str] = _opt(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU; auto: bfloat16 on a "
+                                "CPU with native bf16 dot products, avx512_bf16 or amx_bf16, else float32)",
+                                group="model", choices=DTYPES, key=True)
+    threads: Optional[str] = _opt(None, "CPU threads: a count, 'all' (every CPU the affinity mask and cgroup quota "
+                                  "allow) or 'auto' (the default: those CPUs less the ones other processes keep busy); "
+                                  "default: $ENDOKERN_THREADS, else auto", group="model", metavar="N|all|auto")
     backend: str = _opt("auto", group="model", choices=BACKENDS, key=True)
     packing: str = _opt("auto", "padding-free packing (auto: where flash-attn's varlen path runs)", group="model",
                         choices=tuple(PACKINGS), key=True)
@@ -137,6 +141,8 @@ class ModelSettings:
                 raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.threads is not None and not _threads_ok(self.threads):
+            raise SettingsError(f"--threads must be a count >= 1, 'all' or 'auto', got {self.threads!r}")
         for name in ("batch_tokens", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -147,7 +153,7 @@ class ModelSettings:
         """The keyword arguments of :meth:`endokern.EndoRM.from_pretrained` (after the model's name)."""
         return dict(device=self.device, dtype=self.dtype, alpha=self.alpha, gamma=self.gamma, terminal=self.terminal,
                     reduce=self.reduce, backend=self.backend, batch_tokens=self.batch_tokens,
-                    packing=PACKINGS[self.packing])
+                    packing=PACKINGS[self.packing], threads=self.threads)
 
     def model_settings(self) -> "ModelSettings":
         """The model part alone (of a :class:`Settings`, too)."""
@@ -342,6 +348,15 @@ class Settings(ModelSettings):
         key["input"] = [os.path.abspath(p) if p != "-" else p for p in self.input]
         rank = {name: i for i, name in enumerate(KEY_ORDER)}
         return dict(sorted(key.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def _threads_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1
+    text = str(value).strip().lower()
+    return text in ("all", "auto") or (text.isdigit() and int(text) >= 1)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -152,10 +152,19 @@ class _LazyModel:
 
     def get(self):
         if self.rm is None:
-            from .model import EndoRM
-
-            self.rm = EndoRM.from_settings(self.settings)
+            self.rm = load_model(self.settings)
         return self.rm
+
+
+def load_model(settings: Settings):
+    """The run's model; with ``--no-progress`` the loader's own progress bar is off too."""
+    from .model import EndoRM
+
+    if not settings.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return EndoRM.from_settings(settings)
 
 
 def check_outcome(settings: Settings, result: RunResult) -> None:
@@ -240,9 +249,7 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
             stats = RunStats(resumed_from=writer.rows_done)
         else:
             if rm is None:
-                from .model import EndoRM
-
-                rm = EndoRM.from_settings(settings)
+                rm = load_model(settings)
             elif isinstance(rm, _LazyModel):
                 rm = rm.get()
             try:

@@ -11,11 +11,12 @@ import sys
 import threading
 
 import pytest
+import torch
 from limits import HANG_S
 from model_utils import FIXTURE, fixture_model
 
 from endokern import EndoRM
-from endokern.integrations.trl import EndogenousReward, post_json, trl_row
+from endokern.integrations.trl import EndogenousReward, async_endogenous_reward, post_json, trl_row
 
 WORDS = "the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was".split()
 RTOL = 1e-5  # the batch-composition tolerance of the model tests (SPEC section 3)
@@ -51,7 +52,7 @@ def test_standard_format_and_name(rng):
     completions = [" " + sentence(rng) for _ in range(7)]
     reward = EndogenousReward(local_rm(), name="endo")
     assert reward.__name__ == "endo"
-    got = reward(prompts=prompts, completions=completions, completion_ids=[[1]] * 7, trainer_state=None)
+    got = reward(prompts=prompts, completions=completions, trainer_state=None)
     want = local_rm().score(prompts, completions)
     assert all(close(g, w.reward) for g, w in zip(got, want))
 
@@ -159,3 +160,129 @@ def test_grpo_example_runs_a_few_steps():
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 2 and all(math.isfinite(float(line.split("mean reward ")[1].split()[0])) for line in steps)
+
+
+# A chat template whose generation prompt pre-fills the assistant turn (as reasoning models' templates open <think>).
+PREFILL = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|><think>{% endif %}")
+
+
+def sampled_ids(gen, tokenizer, count, low=3, high=12):
+    return [torch.randint(low, len(tokenizer), (int(torch.randint(1, high, (1,), generator=gen)),),
+                          generator=gen).tolist() for _ in range(count)]
+
+
+def test_completion_ids_are_scored_as_the_policy_sampled_them(rng, gen):
+    rm = local_rm()
+    prompts = [sentence(rng) for _ in range(5)]
+    ids = sampled_ids(gen, rm.tokenizer, 5)
+    texts = [rm.tokenizer.decode(i) for i in ids]
+    metrics = {}
+    got = EndogenousReward(rm, template="plain")(prompts, texts, completion_ids=ids,
+                                                 log_metric=lambda k, v: metrics.setdefault(k, v))
+    want = rm.score_ids([rm.tokenizer(p)["input_ids"] for p in prompts], ids, per_token=True)
+    assert all(close(g, w.reward) for g, w in zip(got, want)), (got, [w.reward for w in want])
+    tokens = [x for w in want for x in w.token_rewards]
+    assert close(metrics["endogenous/token_reward_mean"], sum(tokens) / len(tokens))
+    assert close(metrics["endogenous/token_reward_min"], min(tokens))
+    assert metrics["endogenous/unscorable_fraction"] == 0.0
+    # the text instead, when the reward model's tokenizer is not the policy's
+    text = EndogenousReward(rm, template="plain", completion_ids=False)(prompts, texts, completion_ids=ids)
+    assert text == EndogenousReward(rm, template="plain")(prompts, texts)
+
+
+def test_conversations_with_a_prefilled_assistant_turn(rng, gen):
+    model, tokenizer = fixture_model()
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = PREFILL
+    rm = EndoRM(model, tokenizer)
+    prompts = [[{"role": "user", "content": sentence(rng)}] for _ in range(4)]
+    ids = sampled_ids(gen, tokenizer, 4)
+    completions = [[{"role": "assistant", "content": tokenizer.decode(i)}] for i in ids]
+    got = EndogenousReward(rm)(prompts, completions, completion_ids=ids)
+    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+                  ["input_ids"] for p in prompts]
+    assert all(tokenizer.decode(p).endswith("<think>") for p in prompt_ids)
+    want = rm.score_ids(prompt_ids, ids)
+    assert all(close(g, w.reward) for g, w in zip(got, want))
+
+
+def test_async_server_reward_is_a_coroutine_function(rng, gen):
+    import asyncio
+    import inspect
+
+    if os.environ.get("ENDOKERN_REQUIRE_SERVE") != "1":
+        pytest.importorskip("fastapi")
+    from serve_utils import Server
+
+    srv = Server()
+    try:
+        reward = async_endogenous_reward(srv.url, name="endo_async")
+        assert inspect.iscoroutinefunction(reward) and reward.__name__ == "endo_async"
+        rm = local_rm()
+        prompts = [sentence(rng) for _ in range(6)]
+        ids = sampled_ids(gen, rm.tokenizer, 6)
+        metrics = []
+        got = asyncio.run(reward(prompts=prompts, completions=[rm.tokenizer.decode(i) for i in ids],
+                                 completion_ids=ids, log_metric=lambda k, v: metrics.append(k)))
+        # the server renders the text prompt by its template (plain here: the tokenizer's own BOS)
+        want = rm.score_ids([rm.tokenizer(p)["input_ids"] for p in prompts], ids)
+        assert all(close(g, w.reward) for g, w in zip(got, want)), (got, [w.reward for w in want])
+        assert "endogenous/token_reward_std" in metrics
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)
+
+
+def test_grpo_trainer_with_the_async_server_reward_and_completion_ids(rng):
+    """TRL's GRPOTrainer, a few steps: the async server reward and the local reward side by side, each seeing
+    TRL's completion_ids; every reward TRL got equals offline scoring of those ids."""
+    if os.environ.get("ENDOKERN_REQUIRE_TRL") != "1":
+        pytest.importorskip("trl")
+    if os.environ.get("ENDOKERN_REQUIRE_SERVE") != "1":
+        pytest.importorskip("fastapi")
+    import tempfile
+
+    from datasets import Dataset
+    from serve_utils import Server
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    srv = Server("--template", "plain")
+    try:
+        seen = {"async": [], "local": []}
+        server_reward = async_endogenous_reward(srv.url)
+        local_reward = EndogenousReward(local_rm(), template="plain")
+
+        async def endo_server(prompts, completions, completion_ids, **kwargs):
+            rewards = await server_reward(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                          **kwargs)
+            seen["async"].append((list(prompts), [list(i) for i in completion_ids], rewards))
+            return rewards
+
+        def endo_local(prompts, completions, completion_ids, **kwargs):
+            rewards = local_reward(prompts, completions, completion_ids=completion_ids, **kwargs)
+            seen["local"].append((list(prompts), [list(i) for i in completion_ids], rewards))
+            return rewards
+
+        model, tokenizer = fixture_model()
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        policy = AutoModelForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32)
+        config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-endo-"), max_steps=2, learning_rate=1e-4,
+                            per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                            seed=rng.randrange(2**31), disable_tqdm=True)
+        prompts = [sentence(rng) for _ in range(4)]
+        trainer = GRPOTrainer(model=policy, reward_funcs=[endo_server, endo_local], args=config,
+                              processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": prompts}))
+        trainer.train()
+        assert seen["async"] and len(seen["async"]) == len(seen["local"])
+        rm = EndoRM(model, tokenizer)
+        for calls in seen.values():
+            for ps, ids, rewards in calls:
+                want = rm.score_ids([tokenizer(p)["input_ids"] for p in ps], ids)
+                assert all(close(g, w.reward) for g, w in zip(rewards, want)), (rewards, [w.reward for w in want])
+        assert any(k.startswith("endogenous/") for row in trainer.state.log_history for k in row)
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)

@@ -12,7 +12,16 @@ tokens. Its response rows are the hidden states at positions ``p .. T`` (1-based
 - ``reward = sum_h r_h`` (``reduce="sum"``) or its mean over the ``H`` tokens (``reduce="mean"``),
 - ``logprob = alpha * sum_h log pi_h = sum_h (Q_h - V(s_h))``,
 - ``final_value = value[H] = V(s_{H+1})`` (with ``token_values`` and ``token_logprobs`` it gives every
-  (gamma, terminal, reduce) variant of the same forward: ``Q_h = alpha * log pi_h + V(s_h)``).
+  (gamma, terminal, reduce) variant of the same forward: ``Q_h = alpha * log pi_h + V(s_h)``),
+- with the rows' self-certainty (:func:`self_certainty_rows`), ``token_self_certainty`` (rows ``0 .. H - 1``, the
+  states the response tokens are predicted from, as for the log-probabilities) and ``self_certainty``, its mean.
+
+Self-certainty (Kang et al., arXiv 2502.18581) is the KL divergence from the uniform distribution over the
+vocabulary to the model's next-token distribution: ``KL(U || softmax(z)) = LSE(z) - mean_j z_j - log V_n``. It is
+0 for a uniform distribution and grows with the model's confidence; unlike ``r_h`` and ``log pi_h`` it does not
+depend on which token the response took. It is taken at temperature 1 (the model's own distribution, as in the
+paper), whatever ``alpha``: ``LSE(z)`` is ``V`` at alpha 1, so with ``alpha = 1`` it comes from the same kernel
+pass (plus the logit sum); at another ``alpha`` :class:`endokern.EndoRM` makes a second pass at alpha 1.
 
 Rows of many sequences are packed one after another; ``cu_rows`` (``[B + 1]``, starting at 0) marks
 where each sequence's ``H + 1`` rows begin. Nothing crosses a sequence boundary. The O(N) arithmetic
@@ -22,6 +31,7 @@ results do not depend on the other sequences of the batch.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,6 +63,8 @@ class Rewards(NamedTuple):
     logprob: torch.Tensor  # [B] float64, alpha * sum_h log pi_h
     num_tokens: torch.Tensor  # [B] int64, H
     final_value: Optional[torch.Tensor] = None  # [B] float64, V(s_{H+1}): the value after the last response token
+    token_self_certainty: Optional[torch.Tensor] = None  # [sum H] float64, KL(U || softmax(z)) of each state s_h
+    self_certainty: Optional[torch.Tensor] = None  # [B] float64, its mean over the response tokens
 
 
 def response_rows(
@@ -109,6 +121,12 @@ def span_rows(
     return ResponseRows(index, targets, cu_rows)
 
 
+def self_certainty_rows(lse: torch.Tensor, logit_sum: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Per row ``KL(U || softmax(z)) = LSE(z) - sum_j z_j / V_n - log V_n`` in float64, from the kernel's value at
+    alpha 1 (``lse``) and its ``logit_sum``; ``vocab`` is ``V_n``, the LM head's rows."""
+    return lse.to(torch.float64) - logit_sum.to(torch.float64) / vocab - math.log(vocab)
+
+
 def sequence_rewards(
     value: torch.Tensor,
     target_logit: torch.Tensor,
@@ -119,8 +137,10 @@ def sequence_rewards(
     terminal: str = "zero",
     reduce: str = "sum",
     entropy: Optional[torch.Tensor] = None,
+    self_certainty: Optional[torch.Tensor] = None,
 ) -> Rewards:
-    """Token and sequence rewards from the soft values of packed response rows (see the module doc)."""
+    """Token and sequence rewards from the soft values of packed response rows (see the module doc);
+    ``self_certainty``: the rows' values of :func:`self_certainty_rows`, or None."""
     check_reward(alpha, gamma, terminal, reduce)
     cu_rows = cu_rows.to(torch.int64)
     device = value.device
@@ -153,6 +173,10 @@ def sequence_rewards(
     reward_sum = _segment_sums(token_rewards, seq_of_token, step, num_tokens)
     logprob = _segment_sums(q - v_here, seq_of_token, step, num_tokens)
     reward_mean = reward_sum / num_tokens.to(torch.float64)
+    token_sc = sc_mean = None
+    if self_certainty is not None:
+        token_sc = self_certainty.to(torch.float64)[token_row]
+        sc_mean = _segment_sums(token_sc, seq_of_token, step, num_tokens) / num_tokens.to(torch.float64)
     cu_tokens = torch.zeros(num_seqs + 1, dtype=torch.int64, device=device)
     torch.cumsum(num_tokens, 0, out=cu_tokens[1:])
     return Rewards(
@@ -167,6 +191,8 @@ def sequence_rewards(
         logprob=logprob,
         num_tokens=num_tokens,
         final_value=value64[cu_rows[1:] - 1],
+        token_self_certainty=token_sc,
+        self_certainty=sc_mean,
     )
 
 

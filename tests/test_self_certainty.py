@@ -1,0 +1,76 @@
+"""Self-certainty (KL from the uniform distribution to the model's next-token distribution) end to end: EndoRM's
+results against the float64 oracle of the same model's full logits, at alpha 1 (one pass) and not (a second pass)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import backend_params
+from model_utils import _model64, fixture_model, random_examples
+
+from endokern import EndoRM
+
+
+def self_certainty_oracle(model, prompt_ids, response_ids):
+    """Per example (mean, per-state list): LSE(z) - mean(z) - log V at the H states s_1 .. s_H (positions p .. T-1,
+    1-based: the logits that predict the response tokens), from the float64 copy's full logits."""
+    model64 = _model64(model)
+    out = []
+    with torch.no_grad():
+        for p, r in zip(prompt_ids, response_ids):
+            ids = torch.tensor([list(p) + list(r)])
+            z = model64(input_ids=ids, use_cache=False).logits[0]
+            states = z[len(p) - 1 : len(p) - 1 + len(r)]  # 0-based rows p-1 .. p+H-2
+            per_state = torch.logsumexp(states, dim=1) - states.mean(dim=1) - math.log(z.shape[1])
+            scale = torch.maximum(torch.logsumexp(states, dim=1).abs(), states.abs().mean(dim=1)).clamp(min=1.0)
+            out.append((float(per_state.mean()), per_state.tolist(), scale.tolist()))
+    return out
+
+
+def assert_matches(results, expected, rtol=1e-5):
+    """fp32 arithmetic: LSE(z) within rtol of max(|LSE|, 1) (as the values of the main battery), and the mean logit
+    within rtol of mean |z|; so each state within rtol of the larger of the two, and the mean within the largest."""
+    for i, (res, (mean, per_state, scale)) in enumerate(zip(results, expected)):
+        assert res.self_certainty is not None
+        assert abs(res.self_certainty - mean) <= 2 * rtol * max(scale), (i, res.self_certainty, mean)
+        if res.token_self_certainty is not None:
+            assert len(res.token_self_certainty) == len(per_state) == res.num_tokens
+            for j, (got, want, s) in enumerate(zip(res.token_self_certainty, per_state, scale)):
+                assert abs(got - want) <= 2 * rtol * s, (i, j, got, want)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_self_certainty_matches_the_oracle(gen, backend, alpha):
+    model, tok = fixture_model()
+    prompts, responses = random_examples(gen, model.config.vocab_size, 9)
+    rm = EndoRM(model, tok, alpha=alpha, backend=backend, batch_tokens=300)
+    results = rm.score_ids(prompts, responses, self_certainty=True, per_token=True)
+    expected = self_certainty_oracle(model, prompts, responses)
+    assert_matches(results, expected)
+    assert all(r.self_certainty > 0 for r in results)  # a trained model is more certain than uniform
+    # asking for it changes nothing else, and without per_token there is no per-state list
+    plain = rm.score_ids(prompts, responses, per_token=True)
+    for a, b in zip(results, plain):
+        assert b.self_certainty is None and b.token_self_certainty is None
+        assert (a.reward, a.logprob, a.token_rewards) == (b.reward, b.logprob, b.token_rewards)
+    means = rm.score_ids(prompts, responses, self_certainty=True)
+    assert [r.self_certainty for r in means] == [r.self_certainty for r in results]
+    assert all(r.token_self_certainty is None for r in means)
+
+
+@pytest.mark.parametrize("name", ["phi-untied-head-with-bias", "gemma2-softcap", "cohere-logit-scale"])
+def test_self_certainty_with_bias_softcap_and_logit_scale(gen, name):
+    """The model's own logit transforms are part of z: a head bias, a final softcap, a logit scale."""
+    from test_model import _other_architectures
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = _other_architectures()[name]()
+    if name.startswith("phi"):
+        with torch.no_grad():
+            model.get_output_embeddings().bias.normal_(0, 1.0)
+    prompts, responses = random_examples(gen, 300, 6)
+    results = EndoRM(model, alpha=0.8).score_ids(prompts, responses, self_certainty=True, per_token=True)
+    assert_matches(results, self_certainty_oracle(model, prompts, responses))

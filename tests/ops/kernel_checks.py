@@ -203,7 +203,7 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help=f"checks to run (default: all): {', '.join(CHECKS)}; "
                         "'candidates' also runs splits and row-alone for every correct GPU_CANDIDATES config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("ENDOKERN_SEED", 0)) or None)
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("ENDOKERN_SEED", "0")) or None)
     args = parser.parse_args(argv)
     names = args.names or list(CHECKS)
     todo = [(name, CHECKS[name]) for name in names if name in CHECKS]

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--html", metavar="PATH", help="write a self-contained HTML page here")
     expl.add_argument("--color", default="auto", choices=("auto", "always", "never"),
                       help="ANSI colours on standard output (auto: when it is a terminal)")
-    expl.add_argument("--color-by", default="reward", choices=("reward", "logprob", "entropy"),
+    expl.add_argument("--color-by", default="reward", choices=("reward", "logprob", "entropy", "self-certainty"),
                       help="what the colours show (the HTML page can switch)")
     expl.set_defaults(func=cmd_explain)
 

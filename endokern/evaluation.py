@@ -14,7 +14,8 @@ data (``--data``; default ``$ENDOKERN_DATA``, else ``../shared/data``):
 Group names: ``rm-bench``, ``chat-hard``, ``all``. Any other name is a path to a file.
 
 Passes per suite: one scoring pass with per-token outputs gives every variant of :mod:`endokern.variants` (sum,
-mean, bootstrap, gamma < 1, log-likelihoods); the ``judge`` baseline is a second pass. Each pass streams through
+mean, bootstrap, gamma < 1, log-likelihoods, and self-certainty from the same kernel pass); the ``judge`` baseline is
+a second pass. Each pass streams through
 :func:`endokern.pipeline.stream` into ``<output>/<suite>.<pass>.jsonl`` (per-row rewards of every response per variant),
 so a killed evaluation resumes where it stopped. The report (``report.md``, ``report.json``) gives accuracy with 95%
 bootstrap intervals (rows resampled with replacement; sections resample within each suite) and speed per pass.
@@ -152,6 +153,7 @@ class VariantsTask(CompareTask):
         super().__init__(template)
         self.variants = [v for v in variants if v.kind != "judge"]
         self.alpha = alpha
+        self.self_certainty = any(v.needs_self_certainty for v in self.variants)
 
     def outputs(self, row, index, state, results):
         rewards = {v.name: [variant_score(r, v, self.alpha) for r in results] for v in self.variants}

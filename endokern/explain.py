@@ -1,7 +1,7 @@
 """Per-token views of the endogenous reward: which tokens of a response earn or lose reward.
 
 :func:`explain` scores a few examples with every per-token quantity (reward ``r_h``, log-probability, soft
-value ``V(s_h)``, entropy) and splits each response into the exact text pieces of its tokens.
+value ``V(s_h)``, entropy, self-certainty ``KL(U || softmax(z))``) and splits each response into the exact text pieces of its tokens.
 :func:`render_html` turns the result into one self-contained page (tokens coloured by reward, details on
 hover, responses side by side), :func:`render_terminal` into ANSI-coloured text.
 
@@ -31,6 +31,7 @@ METRICS: Dict[str, Tuple[str, str, str]] = {
     "reward": ("token_rewards", "diverging", "reward"),
     "logprob": ("token_logprobs", "low", "log-prob"),
     "entropy": ("token_entropies", "high", "entropy"),
+    "self-certainty": ("token_self_certainty", "high", "self-certainty"),
 }
 ROBUST_PERCENTILE = 95.0  # the colour scale ends at this percentile of |value|
 _WHITE = (255, 255, 255)
@@ -59,6 +60,9 @@ class Explanation:
     logprob: float
     num_tokens: int
     reduce: str = "sum"
+    # KL(U || softmax(z)) of each token's state (confidence, whichever token was taken), and its mean
+    token_self_certainty: Optional[List[float]] = None
+    self_certainty: Optional[float] = None
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -128,7 +132,7 @@ def explain(
             raise EncodeError(f"{label}: {item}")
         if max_length is not None and item.length > max_length:
             raise EncodeError(f"{label}: {item.length} tokens, more than max_length {max_length}")
-    results = rm.score_encoded(encoded, per_token=True, entropy=True)
+    results = rm.score_encoded(encoded, per_token=True, entropy=True, self_certainty=True)
     out = []
     for label, enc, res in zip(labels, encoded, results):
         text, pieces = token_pieces(rm.tokenizer, enc.response_ids, context=enc.prompt_ids)
@@ -139,7 +143,8 @@ def explain(
                 token_logprobs=list(res.token_logprobs), token_values=list(res.token_values),
                 token_entropies=list(res.token_entropies), reward=res.reward, reward_sum=res.reward_sum,
                 reward_mean=res.reward_mean, logprob=res.logprob, num_tokens=res.num_tokens,
-                reduce=getattr(rm, "reduce", "sum"),
+                reduce=getattr(rm, "reduce", "sum"), token_self_certainty=res.token_self_certainty,
+                self_certainty=res.self_certainty,
             )
         )
     return out
@@ -216,7 +221,13 @@ def _hex(rgb: Tuple[int, int, int]) -> str:
 
 
 def _scales(explanations: Sequence[Explanation]) -> Dict[str, float]:
-    return {m: robust_scale([v for e in explanations for v in getattr(e, f)]) for m, (f, _, _) in METRICS.items()}
+    return {m: robust_scale([v for e in explanations for v in _values(e, f)]) for m, (f, _, _) in METRICS.items()}
+
+
+def _values(e: Explanation, field: str) -> List[float]:
+    """A per-token list of ``e``; NaN for each token where it was not computed (self-certainty, by older callers)."""
+    values = getattr(e, field)
+    return list(values) if values is not None else [math.nan] * len(e.tokens)
 
 
 def visible_whitespace(text: str) -> str:
@@ -246,8 +257,11 @@ def _num(x: float, fmt: str = ".4f") -> str:
 
 def _totals(e: Explanation) -> List[Tuple[str, str]]:
     other = ("sum reward", _num(e.reward_sum)) if e.reduce == "mean" else ("mean reward", _num(e.reward_mean))
-    return [(f"reward ({e.reduce})", _num(e.reward)), other, ("logprob", _num(e.logprob)),
-            ("tokens", str(e.num_tokens))]
+    totals = [(f"reward ({e.reduce})", _num(e.reward)), other, ("logprob", _num(e.logprob)),
+              ("tokens", str(e.num_tokens))]
+    if e.self_certainty is not None:
+        totals.append(("self-certainty", _num(e.self_certainty)))
+    return totals
 
 
 # ------------------------------------------------------------------------------------------------ HTML
@@ -308,7 +322,7 @@ _JS = """
     if (m) colour(m);
   });
   var panel = document.getElementById('hover');
-  var fields = ['t', 'id', 'r', 'lp', 'v', 'h'];
+  var fields = ['t', 'id', 'r', 'lp', 'v', 'h', 'sc'];
   document.addEventListener('mouseover', function(ev){
     var t = ev.target;
     if (!t.classList || !t.classList.contains('tok')) { panel.className = ''; return; }
@@ -346,18 +360,19 @@ def _legend(metric: str, scale: float, shown: bool) -> str:
 
 def _token_span(e: Explanation, i: int, scales: Dict[str, float], metric: str) -> str:
     piece = e.tokens[i]
-    values = {"r": e.token_rewards[i], "lp": e.token_logprobs[i], "v": e.token_values[i], "h": e.token_entropies[i]}
-    colours = {m: metric_color(m, getattr(e, f)[i], scales[m]) for m, (f, _, _) in METRICS.items()}
+    values = {"r": e.token_rewards[i], "lp": e.token_logprobs[i], "v": e.token_values[i], "h": e.token_entropies[i],
+              "sc": _values(e, "token_self_certainty")[i]}
+    colours = {m: metric_color(m, _values(e, f)[i], scales[m]) for m, (f, _, _) in METRICS.items()}
     shown = visible_whitespace(piece)
     title = (f"{shown}\nid {e.token_ids[i]}\nreward {_num(values['r'], '+.4f')}\nlog-prob {_num(values['lp'])}\n"
-             f"value {_num(values['v'])}\nentropy {_num(values['h'])}")
+             f"value {_num(values['v'])}\nentropy {_num(values['h'])}\nself-certainty {_num(values['sc'])}")
     classes = "tok" + (" nl" if "\n" in piece else "") + (" empty" if piece == "" else "")
     bg, fg = colours[metric]
     attrs = [
         f'class="{classes}"', f'style="background:{_hex(bg)};color:{_hex(fg)}"',
         f'title="{html.escape(title)}"', f'data-t="{html.escape(shown)}"', f'data-id="{e.token_ids[i]}"',
         f'data-r="{_num(values["r"], "+.4f")}"', f'data-lp="{_num(values["lp"])}"', f'data-v="{_num(values["v"])}"',
-        f'data-h="{_num(values["h"])}"',
+        f'data-h="{_num(values["h"])}"', f'data-sc="{_num(values["sc"])}"',
     ]
     attrs += [f'data-{m}="{_hex(b)} {_hex(f)}"' for m, (b, f) in colours.items()]
     return f"<span {' '.join(attrs)}>{html.escape(piece)}</span>"
@@ -408,7 +423,7 @@ def render_html(explanations: Sequence[Explanation], *, title: str = "endokern e
     parts.append("</div>")
     rows = "".join(f'<tr><td>{name}</td><td id="hv-{key}"></td></tr>'
                    for key, name in (("t", "token"), ("id", "id"), ("r", "reward"), ("lp", "log-prob"),
-                                     ("v", "value"), ("h", "entropy")))
+                                     ("v", "value"), ("h", "entropy"), ("sc", "self-certainty")))
     parts.append(f'<div id="hover"><table>{rows}</table></div>')
     parts.append(f"<script>{_JS}</script></body></html>\n")
     return "".join(parts)
@@ -447,7 +462,7 @@ def render_terminal(explanations: Sequence[Explanation], *, color: bool = True, 
             lines.append(f"prompt: {e.prompt}")
         if color:
             out = []
-            for piece, value in zip(e.tokens, getattr(e, field)):
+            for piece, value in zip(e.tokens, _values(e, field)):
                 bg, fg = metric_color(metric, value, scales[metric])
                 start = "\x1b[38;2;%d;%d;%dm\x1b[48;2;%d;%d;%dm" % (fg + bg)
                 # colour each line of a piece apart so no background runs past a line break

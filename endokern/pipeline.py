@@ -37,7 +37,13 @@ class Task:
 
     name = "score"
     per_token = False
+    self_certainty = False
     fields: Optional[Dict[str, str]] = None
+
+    @property
+    def needs_self_certainty(self) -> bool:
+        """Whether its results must carry the self-certainty (its outputs, or a variant that is it)."""
+        return self.self_certainty
 
     @property
     def needs_per_token(self) -> bool:
@@ -69,17 +75,25 @@ class ScoreTask(Task):
     """``score``'s rows: ``reward`` and ``reward_mean`` by the model's options, or by ``variant`` (a reward variant of
     :mod:`endokern.variants` from the same forward pass, at the model's ``alpha``)."""
 
-    def __init__(self, per_token: bool = False, variant: Optional[Variant] = None, alpha: float = 1.0):
+    def __init__(self, per_token: bool = False, variant: Optional[Variant] = None, alpha: float = 1.0,
+                 self_certainty: bool = False):
         self.per_token = per_token
         self.variant = variant
         self.alpha = alpha
+        self.self_certainty = self_certainty
 
     @property
     def needs_per_token(self) -> bool:
-        return self.per_token or self.variant is not None
+        return self.per_token or (self.variant is not None and self.variant.needs_per_token)
+
+    @property
+    def needs_self_certainty(self) -> bool:
+        return self.self_certainty or (self.variant is not None and self.variant.needs_self_certainty)
 
     def outputs(self, row, index, state, results):
         streams = super().outputs(row, index, state, results)
+        if self.self_certainty:
+            streams["output"][0]["self_certainty"] = results[0].self_certainty
         if self.variant is not None:
             out, result = streams["output"][0], results[0]
             mean = Variant(self.variant.name + "-mean", self.variant.kind, self.variant.gamma, self.variant.terminal,
@@ -175,7 +189,7 @@ def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> T
     if settings.attributes is not None:
         task: Task = AttributesTask(settings.attributes, settings.min_reward if settings.command == "filter" else None)
     elif settings.command == "score":
-        task = ScoreTask(per_token=settings.per_token)
+        task = ScoreTask(per_token=settings.per_token, self_certainty=settings.self_certainty)
     elif settings.command == "compare":
         task = CompareTask(resolve_template(rm.tokenizer, settings.template))
     elif settings.command == "rank":
@@ -373,6 +387,7 @@ class RowScorer:
                 progress(n_examples, n_tokens, rows_per_example)
 
         results = self.rm.score_encoded(prepared.to_score, per_token=self.task.needs_per_token,
+                                        self_certainty=self.task.needs_self_certainty,
                                         progress=report) if prepared.to_score else []
         return self.assemble(prepared, results)
 

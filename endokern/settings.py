@@ -234,6 +234,8 @@ class Settings(ModelSettings):
                                                group="run", type=float, metavar="F")
     # a command's own
     per_token: bool = _opt(False, "also write token_rewards and token_logprobs", group="score", key=True)
+    self_certainty: bool = _opt(False, "also write self_certainty: the mean over the response of KL(uniform || the "
+                                "model's next-token distribution), its confidence", group="score", key=KEY_WHEN_SET)
     summary: Optional[str] = _opt(None, "summary JSON (default: beside the output, *.summary.json)", group="compare")
     min_reward: Optional[float] = _opt(None, "keep rows whose reward is at least this", group="filter", key=True,
                                        type=float)

@@ -14,6 +14,11 @@ Names (``parse_variants``):
 - ``gamma=G``: sum, terminal zero, discount ``G`` (e.g. ``gamma=0.93``)
 - ``loglik``: summed log-likelihood ``sum_h log pi_h`` (of the alpha-tempered policy; alpha 1: the model's)
 - ``loglik-mean``: its mean over the response tokens
+- ``self-certainty``: the mean over the response's states of ``KL(U || softmax(z)) = LSE(z) - mean(z) - log V``
+  (Kang et al., arXiv 2502.18581; the reward Intuitor trains with): how far the model's next-token distribution is
+  from uniform, i.e. its confidence, whichever token the response took; at temperature 1 whatever alpha. The other
+  variants depend on the tokens taken (``Q_h = z[x_{p+h}]``); this one only on the states. It needs
+  ``self_certainty=True`` in the scoring pass (:attr:`Variant.needs_self_certainty`), not the per-token values.
 - ``judge``: the generative-verifier baseline (see :mod:`endokern.evaluation`): a separate pass that scores one
   answer token per example, so it is not computed here
 
@@ -31,9 +36,11 @@ from typing import List, Sequence
 from .model import ScoreResult
 from .settings import check_reward
 
-__all__ = ["DEFAULT_VARIANTS", "ONE_PASS", "Variant", "parse_variant", "parse_variants", "variant_score"]
+__all__ = ["DEFAULT_VARIANTS", "NAMES", "ONE_PASS", "Variant", "parse_variant", "parse_variants", "variant_score"]
 
-ONE_PASS = ("paper", "mean", "bootstrap", "gamma=0.93", "loglik", "loglik-mean")
+ONE_PASS = ("paper", "mean", "bootstrap", "gamma=0.93", "loglik", "loglik-mean", "self-certainty")
+# every name parse_variant takes (gamma=G for any G in [0, 1]), for usage errors
+NAMES = ("paper", "mean", "bootstrap", "bootstrap-mean", "gamma=G", "loglik", "loglik-mean", "self-certainty", "judge")
 DEFAULT_VARIANTS = ONE_PASS + ("judge",)
 
 
@@ -42,13 +49,25 @@ class Variant:
     """One way to turn a response's tokens into one number."""
 
     name: str
-    kind: str  # "reward", "loglik" or "judge"
+    kind: str  # "reward", "loglik", "self-certainty" or "judge"
     gamma: float = 1.0
     terminal: str = "zero"
     reduce: str = "sum"
 
     @property
+    def needs_self_certainty(self) -> bool:
+        """Whether its score reads ``ScoreResult.self_certainty`` (score with ``self_certainty=True``)."""
+        return self.kind == "self-certainty"
+
+    @property
+    def needs_per_token(self) -> bool:
+        """Whether its score reads the per-token values (score with ``per_token=True``)."""
+        return self.kind in ("reward", "loglik")
+
+    @property
     def description(self) -> str:
+        if self.kind == "self-certainty":
+            return "self-certainty: mean KL(uniform || next-token distribution) over the response (confidence)"
         if self.kind == "judge":
             return "generative verifier: log-probability of the answer 'Yes' to a judge prompt"
         if self.kind == "loglik":
@@ -65,6 +84,7 @@ def parse_variant(name: str) -> Variant:
         "bootstrap-mean": Variant("bootstrap-mean", "reward", terminal="bootstrap", reduce="mean"),
         "loglik": Variant("loglik", "loglik"),
         "loglik-mean": Variant("loglik-mean", "loglik", reduce="mean"),
+        "self-certainty": Variant("self-certainty", "self-certainty", reduce="mean"),
         "judge": Variant("judge", "judge"),
     }
     if name in fixed:
@@ -77,9 +97,7 @@ def parse_variant(name: str) -> Variant:
         if not 0 <= gamma <= 1:
             raise ValueError(f"variant {name!r}: gamma must be a number in [0, 1]")
         return Variant(f"gamma={gamma:g}", "reward", gamma=gamma)
-    raise ValueError(
-        f"unknown variant {name!r}; choose from paper, mean, bootstrap, bootstrap-mean, gamma=G, loglik, loglik-mean, judge"
-    )
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(NAMES)}")
 
 
 def parse_variants(spec: str) -> List[Variant]:
@@ -96,9 +114,14 @@ def parse_variants(spec: str) -> List[Variant]:
 
 
 def variant_score(result: ScoreResult, variant: Variant, alpha: float = 1.0) -> float:
-    """One response's score under ``variant``, from a result scored with ``per_token=True`` at ``alpha``."""
+    """One response's score under ``variant``, from a result scored with ``per_token=True`` at ``alpha`` (with
+    ``self_certainty=True`` for the self-certainty variant, whose score is that mean whatever the reduction)."""
     if variant.kind == "judge":
         raise ValueError("the judge variant needs its own pass (endokern.evaluation.JudgeTask)")
+    if variant.kind == "self-certainty":
+        if result.self_certainty is None:
+            raise ValueError("the self-certainty variant needs a result scored with self_certainty=True")
+        return result.self_certainty
     check_reward(alpha, variant.gamma, variant.terminal, variant.reduce)
     lp, values = result.token_logprobs, result.token_values
     if lp is None or values is None or result.final_value is None:

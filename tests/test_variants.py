@@ -57,3 +57,28 @@ def test_bad_variants_are_refused(bad):
 def test_all_is_the_one_pass_variants_and_the_judge():
     assert [v.name for v in parse_variants("all")] == list(ONE_PASS) + ["judge"]
     assert [v.name for v in parse_variants("mean,paper,mean")] == ["mean", "paper"]
+
+
+def test_self_certainty_variant(gen):
+    """The self-certainty variant is the result's mean self-certainty (from the scoring pass, no per-token values
+    needed), and a task with it asks the model for it."""
+    from endokern.pipeline import ScoreTask
+
+    model, tok = fixture_model()
+    prompts, responses = random_examples(gen, model.config.vocab_size, 5)
+    v = parse_variant("self-certainty")
+    assert v.needs_self_certainty and not v.needs_per_token
+    task = ScoreTask(variant=v)
+    assert task.needs_self_certainty and not task.needs_per_token
+    assert not ScoreTask(variant=parse_variant("mean")).needs_self_certainty
+    results = EndoRM(model, tok).score_ids(prompts, responses, self_certainty=True)
+    assert [variant_score(r, v) for r in results] == [r.self_certainty for r in results]
+    with pytest.raises(ValueError, match="self_certainty=True"):
+        variant_score(EndoRM(model, tok).score_ids(prompts, responses, per_token=True)[0], v)
+
+
+def test_unknown_variant_is_one_line_listing_the_variants():
+    with pytest.raises(ValueError) as err:
+        parse_variant("certainty")
+    message = str(err.value)
+    assert "\n" not in message and "self-certainty" in message and "loglik-mean" in message and "gamma=G" in message

@@ -9,6 +9,8 @@
 // A row's arithmetic depends only on its own values and the fixed tiling (a function of D, V and the
 // SIMD path), so results are deterministic and independent of the other rows and of the thread count.
 // The SIMD paths are compiled with per-function target attributes: one binary serves every x86-64 CPU.
+// Packing a weight tile also checks it for NaN and Inf (a bit test per value it copies anyway); a head that is
+// not finite turns every value into NaN, so the caller needs no separate pass over the head.
 #include "soft_values_cpu.h"
 
 #include <algorithm>
@@ -122,21 +124,38 @@ inline void fold(RowState& st, float new_max, float tile_sum, float tile_ent) {
 
 // ---- packing shared by the fp32-compute paths (portable, AVX2, AVX-512) -----------------------------
 
-// P[k * vbp + c] = W[v0 + c][k] as fp32, zero for padded columns.
-void pack_weight_f32(const Problem& pb, int64_t v0, int vb, int vbp, float* P) {
+// Whether an fp32 value is NaN or +-Inf (exponent all ones), from its bits: no branch, no FP compare.
+inline uint32_t nonfinite_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+}
+
+// P[k * vbp + c] = W[v0 + c][k] as fp32, zero for padded columns. Returns whether every value of the tile is
+// finite: the pack reads each weight value anyway, so the NaN/Inf check of the LM head costs no extra pass.
+bool pack_weight_f32(const Problem& pb, int64_t v0, int vb, int vbp, float* P) {
+  uint32_t bad = 0;
   for (int c = 0; c < vbp; ++c) {
     if (c < vb) {
       const int64_t row = (v0 + c) * pb.weight_row_stride;
       if (pb.dtype == kFloat32) {
         const float* w = static_cast<const float*>(pb.weight) + row;
-        for (int64_t k = 0; k < pb.d; ++k) P[k * vbp + c] = w[k];
+        for (int64_t k = 0; k < pb.d; ++k) {
+          P[k * vbp + c] = w[k];
+          bad |= nonfinite_bits(w[k]);
+        }
       } else {
-        for (int64_t k = 0; k < pb.d; ++k) P[k * vbp + c] = load_as_float(pb.weight, pb.dtype, row + k);
+        for (int64_t k = 0; k < pb.d; ++k) {
+          const float x = load_as_float(pb.weight, pb.dtype, row + k);
+          P[k * vbp + c] = x;
+          bad |= nonfinite_bits(x);
+        }
       }
     } else {
       for (int64_t k = 0; k < pb.d; ++k) P[k * vbp + c] = 0.0f;
     }
   }
+  return bad == 0;
 }
 
 // ptrs[r] -> hidden row r0 + r as fp32: the row itself for fp32 input, else converted into A[r * d ..];
@@ -164,8 +183,8 @@ struct Portable {
   static constexpr int MR = 4, NR = 16;
   using Packed = float;
   static int64_t depth(int64_t d) { return d; }
-  static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
-    pack_weight_f32(pb, v0, vb, vbp, P);
+  static bool pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
+    return pack_weight_f32(pb, v0, vb, vbp, P);
   }
   static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
     hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
@@ -253,8 +272,8 @@ struct Avx2 {
   static constexpr int MR = 4, NR = 16;
   using Packed = float;
   static int64_t depth(int64_t d) { return d; }
-  static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
-    pack_weight_f32(pb, v0, vb, vbp, P);
+  static bool pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
+    return pack_weight_f32(pb, v0, vb, vbp, P);
   }
   static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
     hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
@@ -392,8 +411,8 @@ struct Avx512 {
   static constexpr int MR = 8, NR = 32;
   using Packed = float;
   static int64_t depth(int64_t d) { return d; }
-  static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
-    pack_weight_f32(pb, v0, vb, vbp, P);
+  static bool pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
+    return pack_weight_f32(pb, v0, vb, vbp, P);
   }
   static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
     hidden_rows_f32(pb, r0, rows, MR, A, ptrs);
@@ -429,9 +448,10 @@ struct Avx512Bf16 {
   static constexpr int MR = 8, NR = 32;
   using Packed = uint32_t;
   static int64_t depth(int64_t d) { return (d + 1) / 2; }
-  static void pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
+  static bool pack_weight(const Problem& pb, int64_t v0, int vb, int vbp, Packed* P) {
     const int64_t pairs = depth(pb.d);
     const uint16_t* w = static_cast<const uint16_t*>(pb.weight);
+    uint32_t bad = 0;  // a bf16 value is NaN or Inf when its exponent bits (0x7f80) are all ones
     for (int c = 0; c < vbp; ++c) {
       if (c < vb) {
         const uint16_t* row = w + (v0 + c) * pb.weight_row_stride;
@@ -439,12 +459,18 @@ struct Avx512Bf16 {
           uint32_t pair;
           std::memcpy(&pair, row + 2 * k, 4);
           P[k * vbp + c] = pair;
+          bad |= static_cast<uint32_t>((pair & 0x7f80u) == 0x7f80u) |
+                 static_cast<uint32_t>((pair & 0x7f800000u) == 0x7f800000u);
         }
-        if (pb.d % 2) P[(pairs - 1) * vbp + c] = row[pb.d - 1];
+        if (pb.d % 2) {
+          P[(pairs - 1) * vbp + c] = row[pb.d - 1];
+          bad |= static_cast<uint32_t>((row[pb.d - 1] & 0x7f80u) == 0x7f80u);
+        }
       } else {
         for (int64_t k = 0; k < pairs; ++k) P[k * vbp + c] = 0;
       }
     }
+    return bad == 0;
   }
   // Rows are read in place as pairs when D is even; an odd D is copied with a zero pad.
   static void hidden_rows(const Problem& pb, int64_t r0, int rows, Packed* A, const Packed** ptrs) {
@@ -528,10 +554,11 @@ void run(const Problem& pb, int threads) {
       AlignedBuffer<float> L(static_cast<size_t>(MR * vb_max));
       AlignedBuffer<float> bias_tile(static_cast<size_t>(vb_max));
       std::vector<RowState> state(static_cast<size_t>(row_end - row_begin));
+      bool weight_finite = true;  // every thread with rows packs (so reads) the whole head
       for (int64_t v0 = 0; v0 < pb.v; v0 += vb_max) {
         const int vb = static_cast<int>(std::min<int64_t>(vb_max, pb.v - v0));
         const int vbp = (vb + NR - 1) / NR * NR;
-        Path::pack_weight(pb, v0, vb, vbp, P.data);
+        weight_finite &= Path::pack_weight(pb, v0, vb, vbp, P.data);
         if (pb.bias) {
           std::memcpy(bias_tile.data, pb.bias + v0, vb * sizeof(float));
           std::memset(bias_tile.data + vb, 0, (vbp - vb) * sizeof(float));
@@ -554,7 +581,8 @@ void run(const Problem& pb, int threads) {
       for (int64_t i = row_begin; i < row_end; ++i) {
         const RowState& st = state[i - row_begin];
         const float log2_sum = std::log2(st.sum);
-        pb.value[i] = pb.alpha * kLn2 * (st.max + log2_sum);
+        // a NaN or Inf in the head makes every value NaN, which the caller reports (never a plausible number)
+        pb.value[i] = weight_finite ? pb.alpha * kLn2 * (st.max + log2_sum) : std::numeric_limits<float>::quiet_NaN();
         pb.target_logit[i] = st.target;
         if (pb.with_entropy && pb.entropy) pb.entropy[i] = kLn2 * (log2_sum - st.ent / st.sum);
         if (pb.with_logit_sum && pb.logit_sum) pb.logit_sum[i] = st.lsum;

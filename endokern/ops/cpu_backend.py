@@ -67,3 +67,8 @@ def forward(
     if return_logit_sum:
         return value, target_logit, entropy, logit_sum
     return value, target_logit, entropy
+
+
+# The kernel checks the LM head for NaN and Inf as it packs it (every value, every call, no extra pass) and answers
+# NaN values when it is not finite; soft_values then reports it.
+forward.checks_weight = True

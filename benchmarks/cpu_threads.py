@@ -276,13 +276,18 @@ def precision(args, argv) -> int:
     for isa in ("native", "avx2-only"):
         w32 = min(x["wall_s"] for x in pick(isa, "float32"))
         w16 = min(x["wall_s"] for x in pick(isa, "bfloat16"))
-        ratios[isa] = {"float32_s": w32, "bfloat16_s": w16, "bf16_over_fp32": round(w16 / w32, 3)}
+        c32 = min(x["cpu_s"] for x in pick(isa, "float32"))
+        c16 = min(x["cpu_s"] for x in pick(isa, "bfloat16"))
+        ratios[isa] = {"float32_s": w32, "bfloat16_s": w16, "bf16_over_fp32": round(w16 / w32, 3),
+                       "float32_cpu_s": c32, "bfloat16_cpu_s": c16, "bf16_over_fp32_cpu": round(c16 / c32, 3)}
     lines = [f"# {' '.join(['python', 'benchmarks/cpu_threads.py', *(argv if argv is not None else sys.argv[1:])])}",
              f"# cpu: {info['cpu']}; flags: {' '.join(info['flags'])}; torch {info['torch']}; one thread",
              f"# uptime at the end: {uptime()}",
-             f"{'isa':10s} {'fp32 s':>8s} {'bf16 s':>8s} {'bf16/fp32':>9s}"]
+             f"{'isa':10s} {'fp32 s':>8s} {'bf16 s':>8s} {'bf16/fp32':>9s} {'fp32 cpu s':>10s} {'bf16 cpu s':>10s} "
+             f"{'bf16/fp32 cpu':>13s}"]
     for isa, x in ratios.items():
-        lines.append(f"{isa:10s} {x['float32_s']:8.2f} {x['bfloat16_s']:8.2f} {x['bf16_over_fp32']:8.2f}x")
+        lines.append(f"{isa:10s} {x['float32_s']:8.2f} {x['bfloat16_s']:8.2f} {x['bf16_over_fp32']:8.2f}x "
+                     f"{x['float32_cpu_s']:10.2f} {x['bfloat16_cpu_s']:10.2f} {x['bf16_over_fp32_cpu']:12.2f}x")
     lines.append(f"bf16 drift from fp32 over {len(rel)} responses: median {drift['median_rel_reward']:.2e} relative "
                  f"(max {drift['max_rel_reward']:.2e}), {drift['margin_sign_flips']} of {drift['pairs']} pair margins "
                  f"change sign; accuracy fp32 {drift['accuracy_fp32']:.3f}, bf16 {drift['accuracy_bf16']:.3f}")

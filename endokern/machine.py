@@ -30,9 +30,10 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
 CPUINFO = "/proc/cpuinfo"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 dot products
-# What bf16 costs against float32 where it is emulated, as measured (benchmarks/NOTES.md, "Threads and precision"):
-# SmolLM2-135M-Instruct end to end on LLMBar, one thread, oneDNN, torch and the C++ kernel held to AVX2.
-EMULATED_BF16_COST = "about 2.2x slower than float32 end to end (measured with AVX2 only)"
+# What bf16 costs against float32 where it is emulated, as measured (benchmarks/NOTES.md, "CPU threads and
+# precision"): SmolLM2-135M-Instruct end to end on 30 LLMBar responses, one thread, with oneDNN, ATen and the C++
+# kernel held to AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, ENDOKERN_CPU_SIMD): 3.4x the CPU seconds of float32.
+EMULATED_BF16_COST = "3.4x the CPU time of float32 end to end (measured on SmolLM2-135M with AVX2 only)"
 
 
 # ------------------------------------------------------------------------------------------------------- precision

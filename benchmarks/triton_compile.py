@@ -19,9 +19,9 @@ two-blocks-per-SM candidate fits two blocks; a TMA candidate has TMA loads (UTMA
 warp-specialized one more warps than it asked for and ``setmaxnreg``; the full matrix covers every required shape,
 layout and candidate.
 
-Budget: the full matrix is 239 cases, 478 kernel compiles per Triton; measured 4.5 minutes (Triton 3.6.0) and 7.9
-minutes (3.9.0) on the project's 2-core EPYC while other jobs shared it (load 5 to 12); allow 15 minutes per Triton
-on a slower machine. It is a CI step of its own in ``.ci/run`` (once per Triton, one after the other; its
+Budget: the full matrix is 239 cases, 478 kernel compiles per Triton; measured 4.5 to 7 minutes (Triton 3.6.0) and
+7.9 minutes (3.9.0) on the project's 2-core EPYC while other jobs shared it (load 5 to 12); allow 15 minutes per
+Triton on a slower machine. It is a CI step of its own in ``.ci/run`` (once per Triton, one after the other; its
 ``timeout`` only catches a hang), never a unit test; the unit tests compile the ``--unit`` subset (38 cases, about
 a minute per Triton) and have no timeout a busy machine can hit.
 
@@ -345,7 +345,8 @@ def summary(data) -> str:
         return (r["dynamic_shared_bytes"] + r["static_shared_bytes"]) / 1024
 
     def line(r, label, options=None):
-        return (f"| sm_{r['arch']} | {r['dtype']} | {options or feat(r)} | {label} | {r['registers']} | {r['stack_bytes']} | "
+        return (f"| sm_{r['arch']} | {r['dtype']} | {options or feat(r)} | {label} | {r['registers']} | "
+                f"{r['stack_bytes']} | "
                 f"{shared(r):.0f} | {r['instructions']} | {mma(r)} | {r['ex2']} |")
 
     def tile(r):

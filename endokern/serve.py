@@ -10,14 +10,18 @@ Endpoints:
   variant for this request (from the same forward pass, :func:`endokern.variants.variant_score`).
 - ``POST /get_reward``: OpenRLHF's remote reward model: ``{"query": [prompt + response texts], "prompts": [prompt
   texts], "labels": [...]}`` (``labels`` and other fields are not used) -> ``{"rewards": [...], "scores": [...],
-  "extra_logs": {"errors": [...]}}``. The texts are rendered already (the policy's chat markup included): the query
-  is tokenized once (plain) and split where its prompt ends, so the response is the policy's own tokens; a prompt the
-  query does not start with (OpenRLHF truncates long prompts) is split at their longest common prefix. ``rewards``
+  "extra_logs": {"unscorable": [0 or 1]}, "errors": [reason or null]}`` (``extra_logs`` holds numbers only: OpenRLHF
+  makes each value a tensor). The texts are rendered already (the policy's chat markup included): the query is
+  tokenized once (plain) and split where its prompt ends, so the response is the policy's own tokens; a prompt the
+  query does not start with (OpenRLHF truncates long prompts) is split after the longest part of the prompt it starts
+  with (the prompt's start, or its end when the prompt lost its first tokens). ``rewards``
   are the raw endogenous rewards, ``scores`` ``sigmoid(reward_mean / --score-scale)`` in (0, 1) (what OpenRLHF's
-  dynamic filtering reads). A sample that cannot be scored is ``null`` with its reason in ``extra_logs.errors`` and
-  the answer is 200 (OpenRLHF drops a reward silently on any other status); ``--strict`` makes it a 422.
+  dynamic filtering reads). A sample that cannot be scored is ``null`` (or ``--unscorable-reward``'s value: OpenRLHF
+  fails on a null reward) with its reason in ``errors`` and the server's log, and the answer is 200 (OpenRLHF drops a
+  reward silently on any other status); ``--strict`` makes it a 422.
 - ``POST /reward``: slime's remote reward model: one bare ``{"prompt", "response", "label"}`` object ->
-  ``{"reward", "reward_mean"}`` (``null`` with ``error`` for a sample that cannot be scored; ``--strict``: 422).
+  ``{"reward", "reward_mean"}`` (``null``, or ``--unscorable-reward``'s value, with ``error`` for a sample that cannot
+  be scored; ``--strict``: 422).
 - ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text).
 
 Scheduling: request handlers parse and tokenize rows on one encoding thread (the same row -> examples -> token ids
@@ -89,6 +93,9 @@ class ServeOptions:
         help="seconds a request may take from arrival to answer; past it, 504 (default: no limit)", type=float))
     score_scale: float = field(default=1.0, metadata=dict(
         help="/get_reward's scores are sigmoid(reward_mean / SCALE), in (0, 1); its rewards stay raw", type=float))
+    unscorable_reward: Optional[float] = field(default=None, metadata=dict(
+        help="/get_reward and /reward give an unscorable sample this reward instead of null (OpenRLHF turns every "
+             "reward into a tensor and fails on null)", type=float))
     strict: bool = field(default=False, metadata=dict(
         help="/get_reward and /reward refuse a request with an unscorable sample (422) instead of answering null "
              "with the reason", action="store_true"))
@@ -464,9 +471,12 @@ class RewardService:
             raise HTTPError(422, f"{len(queries)} queries but {len(prompts)} prompts")
         results = await self._queries(list(zip(queries, prompts)))
         rewards = [r.get("reward") for r in results]
-        scores = [None if r is None else 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, m / self.options.score_scale))))
-                  for r, m in zip(rewards, (r.get("reward_mean") for r in results))]
-        return {"rewards": rewards, "scores": scores, "extra_logs": {"errors": [r.get("error") for r in results]}}
+        scores = [None if m is None else 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, m / self.options.score_scale))))
+                  for m in (r.get("reward_mean") for r in results)]
+        # extra_logs holds numbers only: OpenRLHF turns each of its values into a tensor
+        return {"rewards": rewards, "scores": scores,
+                "extra_logs": {"unscorable": [1.0 if "error" in r else 0.0 for r in results]},
+                "errors": [r.get("error") for r in results]}
 
     async def reward(self, body: Any) -> Dict[str, Any]:
         """slime's remote reward model: one bare ``{"prompt", "response", "label"}`` object (``label`` and other
@@ -487,10 +497,14 @@ class RewardService:
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self.encode_pool, self._query_rows, pairs)
         result = (await self._run(rows, self.plain_scorer)).per_row()
-        out = [{"error": r["reason"]} if "reason" in r else {"reward": r["reward"], "reward_mean": r["reward_mean"]}
+        fill = self.options.unscorable_reward
+        out = [{"reward": r["reward"], "reward_mean": r["reward_mean"]} if "reason" not in r else
+               {"error": r["reason"]} if fill is None else {"reward": fill, "reward_mean": fill, "error": r["reason"]}
                for r in result]
         errors = [(i, r["error"]) for i, r in enumerate(out) if "error" in r]
         self.metrics.rows_done(len(out), len(errors))
+        for i, e in errors:
+            self.log(f"endokern serve: a sample cannot be scored: {e}")
         if errors and self.options.strict:
             raise HTTPError(422, {"message": f"{len(errors)} of {len(out)} queries cannot be scored",
                                   "errors": [{"index": i, "error": e} for i, e in errors]})
@@ -540,14 +554,20 @@ def query_row(tokenizer, query: str, prompt: str, bos_text: Optional[str], joint
     """The row of a (query, prompt) pair whose texts the policy's side rendered: ``prompt_ids`` + ``response_ids``
     from one tokenization of the query, split after the last token that ends within the prompt (a token across the
     boundary belongs to the response); a query that does not start with its prompt (a truncated prompt) is split
-    at their longest common prefix. Without a fast tokenizer (no offsets), the texts are split and tokenized as
+    after the longest part of the prompt it starts with (the prompt's start, or its end when the prompt lost its
+    first tokens). Without a fast tokenizer (no offsets), the texts are split and tokenized as
     ``template="plain"`` does. ValueError when the pair cannot be scored."""
     from .pipeline import not_unicode
 
     problem = not_unicode(query, "query") or not_unicode(prompt, "prompt")
     if problem:
         raise ValueError(problem)
-    split = len(prompt) if query.startswith(prompt) else len(os.path.commonprefix([query, prompt]))
+    if query.startswith(prompt):
+        split = len(prompt)
+    else:  # a truncated prompt: the query keeps its start (longest common prefix) or its end (longest suffix of the
+        # prompt the query starts with, as OpenRLHF keeps a long prompt's last tokens)
+        suffix = next((len(prompt) - i for i in range(1, len(prompt)) if query.startswith(prompt[i:])), 0)
+        split = max(len(os.path.commonprefix([query, prompt])), suffix)
     if split == 0 and prompt:
         raise ValueError("the query does not start with its prompt, nor with any part of it")
     # A rendered query that already begins with the BOS text gets the BOS from the tokenizer, not twice.

@@ -164,7 +164,7 @@ def test_get_reward_openrlhf_layout(server, rng):
     # scores: sigmoid of the mean token reward (--score-scale 1), strictly inside (0, 1)
     expected = [1 / (1 + math.exp(-s["reward_mean"])) for s in scored]
     assert body["scores"] == pytest.approx(expected, rel=RTOL, abs=RTOL) and all(0 < x < 1 for x in body["scores"])
-    assert body["extra_logs"]["errors"] == [None] * len(rows)
+    assert body["errors"] == [None] * len(rows) and body["extra_logs"] == {"unscorable": [0.0] * len(rows)}
     # a rendered prompt that starts with the BOS text is not given a second BOS
     with_bos = post(server.url, "/get_reward", {"query": ["<s>" + q for q in queries], "prompts": ["<s>" + p for p in prompts]})
     assert with_bos.json()["rewards"] == pytest.approx(rewards, rel=RTOL, abs=RTOL)
@@ -176,8 +176,9 @@ def test_get_reward_openrlhf_layout(server, rng):
     got = broken.json()
     assert got["rewards"][0] == pytest.approx(rewards[0], rel=RTOL, abs=RTOL) and got["rewards"][1:] == [None, None]
     assert got["scores"][1:] == [None, None]
-    errors = got["extra_logs"]["errors"]
+    errors = got["errors"]
     assert errors[0] is None and "does not start with its prompt" in errors[1] and "no tokens" in errors[2]
+    assert got["extra_logs"] == {"unscorable": [0.0, 1.0, 1.0]}  # numbers only: OpenRLHF makes each a tensor
 
 
 def test_a_truncated_prompt_splits_at_the_common_prefix(server, rng):
@@ -189,6 +190,17 @@ def test_a_truncated_prompt_splits_at_the_common_prefix(server, rng):
     assert got["rewards"][0] == pytest.approx(
         post(server.url, "/get_reward", {"query": [query], "prompts": [row["prompt"]]}).json()["rewards"][0],
         rel=RTOL, abs=RTOL)
+
+
+def test_a_prompt_that_lost_its_first_words_splits_after_its_end(server, rng):
+    """OpenRLHF keeps a long prompt's last tokens: the query starts inside its prompt."""
+    row = good_rows(rng, 1)[0]
+    head = sentence(rng)
+    full_prompt = head + " " + row["prompt"]
+    query = row["prompt"] + row["response"]  # the prompt's first words are gone
+    got = post(server.url, "/get_reward", {"query": [query], "prompts": [full_prompt]}).json()
+    expected = post(server.url, "/get_reward", {"query": [query], "prompts": [row["prompt"]]}).json()
+    assert got["errors"] == [None] and got["rewards"][0] == pytest.approx(expected["rewards"][0], rel=RTOL, abs=RTOL)
 
 
 def test_slime_reward_one_bare_object(server, rng):
@@ -218,7 +230,7 @@ def test_inputs_json_lets_through_are_answered_not_crashed(server, rng):
     assert [("error" in r) for r in results] == [False, True, True, True, False]
     assert "finite" in results[1]["error"] and "lone surrogate" in results[3]["error"]
     surrogate = post(server.url, "/get_reward", json.dumps({"query": ["a \udc00 b"], "prompts": ["a"]})).json()
-    assert surrogate["rewards"] == [None] and "lone surrogate" in surrogate["extra_logs"]["errors"][0]
+    assert surrogate["rewards"] == [None] and "lone surrogate" in surrogate["errors"][0]
 
 
 def test_health_names_the_model_not_its_path(server):
@@ -448,7 +460,7 @@ def test_a_large_request_shares_the_steps_with_a_small_one_behind_it(rng):
     model = RecordingModel()
     step = rng.randint(20, 40)
     big = [Encoded([1], [2] * rng.randint(3, 9)) for _ in range(rng.randint(30, 60))]
-    small = [Encoded([1], [3] * 3)]
+    small = [Encoded([1], [3])]  # 2 tokens: no piece of the large request has that length
     batcher = Batcher(model, max_wait_s=0, step_tokens=step, max_queue_tokens=10**6)
     order, done = [], threading.Semaphore(0)
     with batcher._cond:  # hold the scorer while queueing
@@ -458,7 +470,7 @@ def test_a_large_request_shares_the_steps_with_a_small_one_behind_it(rng):
         assert done.acquire(timeout=HANG_S)
     batcher.close()
     assert [name for name, _ in order] == ["small", "big"]
-    assert len(model.calls) >= 3 and small[0].length in model.calls[1]
+    assert len(model.calls) >= 3 and small[0].length in model.calls[0] + model.calls[1]
     assert all(sum(call) <= step or len(call) == 1 for call in model.calls)
     assert [r.reward for r in dict(order)["big"]] == [e.length for e in big]  # in order, every piece
 
@@ -504,6 +516,13 @@ def test_strict_refuses_and_request_timeout_answers_504(tmp_path, rng):
         slow = post(srv.url, "/score", {"rows": rows})
         assert slow.status_code == 504 and "request-timeout" in slow.text
         assert any("504" in line for line in srv.log)  # answers past 400 are logged with their reason
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)
+    srv = Server("--unscorable-reward=-1e4", "--max-length", MAX_LENGTH, env={"ENDOKERN_API_KEY": KEY})
+    try:  # a fixed reward for what cannot be scored (OpenRLHF fails on null), the reason still given
+        got = post(srv.url, "/get_reward", {"query": ["x"], "prompts": ["zzz"]}).json()
+        assert got["rewards"] == [-1e4] and got["extra_logs"] == {"unscorable": [1.0]} and got["errors"][0]
+        assert post(srv.url, "/reward", {"prompt": "a", "response": ""}).json()["reward"] == -1e4
     finally:
         assert srv.stop() == 0, "".join(srv.log)
     srv = Server("--strict", "--max-length", MAX_LENGTH, env={"ENDOKERN_API_KEY": KEY})

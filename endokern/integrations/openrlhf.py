@@ -97,7 +97,7 @@ def _score_remote(url: str, queries: List[str], prompts: List[str]) -> List[Dict
                      api_key=os.environ.get("ENDOKERN_API_KEY") or None,
                      timeout=float(os.environ.get("ENDOKERN_REWARD_TIMEOUT") or 300.0))
     rewards, scores = body.get("rewards"), body.get("scores")
-    errors = (body.get("extra_logs") or {}).get("errors") or [None] * len(queries)
+    errors = body.get("errors") or [None] * len(queries)
     if not isinstance(rewards, list) or len(rewards) != len(queries):
         raise RuntimeError(f"{url}/get_reward answered without one reward per query: {str(body)[:200]}")
     out = []

@@ -19,10 +19,10 @@ two-blocks-per-SM candidate fits two blocks; a TMA candidate has TMA loads (UTMA
 warp-specialized one more warps than it asked for and ``setmaxnreg``; the full matrix covers every required shape,
 layout and candidate.
 
-Budget: the full matrix is 239 cases, 478 kernel compiles per Triton; measured 4.5 to 7 minutes (Triton 3.6.0) and
-7.9 minutes (3.9.0) on the project's 2-core EPYC while other jobs shared it (load 5 to 12); allow 15 minutes per
-Triton on a slower machine. It is a CI step of its own in ``.ci/run`` (once per Triton, one after the other; its
-``timeout`` only catches a hang), never a unit test; the unit tests compile the ``--unit`` subset (38 cases, about
+Budget: the full matrix is 299 cases, 598 kernel compiles per Triton; measured, before its 60 logit-sum cases were
+added (239 cases), 4.5 to 7 minutes (Triton 3.6.0) and 7.9 minutes (3.9.0) on the project's 2-core EPYC while other
+jobs shared it (load 5 to 12), so about a quarter more now; allow 15 minutes per Triton on a slower machine. It is a CI step of its own in ``.ci/run`` (once per Triton, one after the other; its
+``timeout`` only catches a hang), never a unit test; the unit tests compile the ``--unit`` subset (42 cases, about
 a minute per Triton) and have no timeout a busy machine can hit.
 
 Run it without ``TRITON_INTERPRET`` (it refuses to run under the interpreter: the JIT then never compiles).
@@ -176,7 +176,8 @@ def cubin_figures(cubin: bytes, workdir: Path) -> dict:
     }
 
 
-def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False, layout="row-major"):
+def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False, layout="row-major",
+                 logit_sum=False):
     name, n, d, v, cap = shape
     bias_on, softcap_on, entropy_on = features
     dtype = DTYPES[dtype_name]
@@ -193,6 +194,7 @@ def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False
     record = dict(
         arch=arch, dtype=dtype_name, shape=name, n=n, d=d, v=v, bias=bias_on, softcap=softcap is not None,
         entropy=entropy_on, config=config_name or "auto", tf32=tf32, triton=triton.__version__, layout=layout,
+        logit_sum=logit_sum,
     )
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -200,7 +202,7 @@ def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False
     try:
         with CompileLaunches(arch) as launches:
             triton_backend.forward(hidden, weight, targets, bias=bias, alpha=0.7, softcap=softcap,
-                                   return_entropy=entropy_on, config=config)
+                                   return_entropy=entropy_on, config=config, return_logit_sum=logit_sum)
     except Exception as exc:  # reported per case; the test fails on any
         return [dict(record, kernel="?", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])]
     finally:
@@ -241,6 +243,7 @@ def cases(quick: bool):
                 for feat in FEATURES[:2]:
                     yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE[shape], features=feat,
                                layout="transposed-head")
+            yield from logit_sum_cases(arch, dtype_name)
     # The launch-config candidates at the SPEC shape, Hopper, bf16: plain and as the ablation times Gemma (softcap;
     # entropy too); the TMA + warp-specialized one also with bias + softcap + entropy, which the plain 128x128 tile
     # cannot hold without spilling (8 B; it stays a candidate for the L2 question, timed without bias).
@@ -248,6 +251,14 @@ def cases(quick: bool):
         extra = (FEATURES[1],) if cfg.warp_specialize else ()
         for feat in (FEATURES[0], (False, True, True), *extra):
             yield dict(arch=90, dtype_name="bf16", shape=SHAPE["llama3-8b"], features=feat, config_name=config_name)
+
+
+def logit_sum_cases(arch, dtype_name):
+    """The logit sum (self-certainty's accumulator, WITH_SUM) plain and with every other option, at N = 1, one split,
+    the Llama 3 and Gemma 2 heads, and D not a multiple of 16 (the narrow-load config)."""
+    for shape in ("n1", "v8192", "llama3-8b", "gemma2-2b", "d-not-16"):
+        for feat in FEATURES[:2]:
+            yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE[shape], features=feat, logit_sum=True)
 
 
 def unit_cases():
@@ -266,6 +277,8 @@ def unit_cases():
                        layout="transposed-head")
         yield dict(arch=arch, dtype_name="fp16", shape=SHAPE["llama3-8b"], features=everything)
         yield dict(arch=arch, dtype_name="fp32", shape=SHAPE["llama3-8b"], features=FEATURES[0], tf32=True)
+        for dtype_name in ("fp32", "bf16"):  # with the logit sum: the Llama 3 head with every option
+            yield dict(arch=arch, dtype_name=dtype_name, shape=SHAPE["llama3-8b"], features=everything, logit_sum=True)
     for config_name in ("tma-ws-128x128", "mainloop", "2-per-sm"):
         for feat in (FEATURES[0], everything):
             yield dict(arch=90, dtype_name="bf16", shape=SHAPE["llama3-8b"], features=feat, config_name=config_name)
@@ -281,7 +294,8 @@ def problems(records, full: bool) -> dict:
     out = collections.defaultdict(list)
 
     def where(r):
-        return f"sm_{r['arch']} {r['dtype']} {r['shape']} {r['layout']} {r['config']} {r['kernel']}"
+        return (f"sm_{r['arch']} {r['dtype']} {r['shape']} {r['layout']} {r['config']} {r['kernel']}"
+                + (" logit_sum" if r.get("logit_sum") else ""))
 
     for r in records:
         if r["error"]:
@@ -316,6 +330,8 @@ def problems(records, full: bool) -> dict:
         missing = {s[0] for s in SHAPES} - {r["shape"] for r in ok}
         missing |= set(LAYOUTS) - {r["layout"] for r in ok}
         missing |= set(triton_backend.GPU_CANDIDATES) - {r["config"] for r in ok}
+        if not any(r.get("logit_sum") for r in ok):
+            missing.add("logit_sum")
         if missing:
             out["coverage"].append(f"never compiled: {sorted(missing)}")
         features = {(r["bias"], r["softcap"], r["entropy"]) for r in ok if r["shape"] == "llama3-8b"}
@@ -336,7 +352,7 @@ def summary(data) -> str:
             "MUFU.EX2 |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
 
     def feat(r):
-        return "+".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "plain"
+        return "+".join(k for k in ("bias", "softcap", "entropy", "tf32", "logit_sum") if r.get(k)) or "plain"
 
     def mma(r):
         return f"{r['hgmma']} HGMMA" if r["hgmma"] else (f"{r['hmma']} HMMA" if r["hmma"] else "FMA")
@@ -404,7 +420,7 @@ def main(argv=None):
             print(f"{r['arch']} | {r['dtype']} | {r['shape']} | {r['layout']} | {r['config']} | {r['kernel']} | "
                   f"ERROR {r['error']}")
             continue
-        feat = ",".join(k for k in ("bias", "softcap", "entropy", "tf32") if r[k]) or "-"
+        feat = ",".join(k for k in ("bias", "softcap", "entropy", "tf32", "logit_sum") if r.get(k)) or "-"
         key = tuple(r[c] for c in cols if c != "shape") + (feat,)
         if key in seen:  # the same compiled kernel (shapes differ only in values the JIT does not specialize)
             continue

@@ -7,7 +7,8 @@ Endpoints:
   ``{"results": [...]}``, one per row in order: the fields of ``endokern score``'s output rows (``id``, ``reward``,
   ``reward_mean``, ``logprob``, ``num_tokens``; with ``per_token``, ``token_rewards`` and ``token_logprobs``), or
   ``{"id", "error"}`` for a row that cannot be scored. Optional ``gamma``, ``terminal``, ``reduce`` pick a reward
-  variant for this request (from the same forward pass, :func:`endokern.variants.variant_score`).
+  variant for this request (from the same forward pass, :func:`endokern.variants.variant_score`); or ``variant``
+  names one (``self-certainty``, ``mean``, ``loglik``...: :func:`endokern.variants.parse_variant`).
 - ``POST /get_reward``: OpenRLHF's remote reward model: ``{"query": [prompt + response texts], "prompts": [prompt
   texts], "labels": [...]}`` (``labels`` and other fields are not used) -> ``{"rewards": [...], "scores": [...],
   "extra_logs": {"unscorable": [0 or 1]}, "errors": [reason or null]}`` (``extra_logs`` holds numbers only: OpenRLHF
@@ -64,7 +65,8 @@ from .io import InputRow
 from .pipeline import ChunkResult, PreparedChunk, RowScorer, ScoreTask, rows_chunk
 from .settings import ModelSettings, SettingsError, check_reward
 from .tokenization import Encoded
-from .variants import Variant
+from .variants import NAMES as VARIANT_NAMES
+from .variants import Variant, parse_variant
 
 API_KEY_ENV = "ENDOKERN_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -225,6 +227,7 @@ class Pending:
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     results: List[ScoreResult] = field(default_factory=list)
+    self_certainty: bool = False  # its rows need ScoreResult.self_certainty (the self-certainty variant)
 
 
 def split_steps(encoded: Sequence[Encoded], step_tokens: int) -> Deque[List[Encoded]]:
@@ -265,9 +268,11 @@ class Batcher:
         return len(self._queue)
 
     def submit(self, encoded: List[Encoded], per_token: bool,
-               deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None]) -> Optional[Pending]:
+               deliver: Callable[[Optional[List[ScoreResult]], Optional[BaseException]], None],
+               self_certainty: bool = False) -> Optional[Pending]:
         """Queue a request; None when its tokens would take the queue past ``max_queue_tokens``."""
-        item = Pending(split_steps(encoded, self.step_tokens), per_token, deliver, sum(e.length for e in encoded))
+        item = Pending(split_steps(encoded, self.step_tokens), per_token, deliver, sum(e.length for e in encoded),
+                       self_certainty=self_certainty)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scorer has stopped")
@@ -332,7 +337,8 @@ class Batcher:
                 continue
             encoded = [e for _, piece in taken for e in piece]
             try:
-                results = self.rm.score_encoded(encoded, per_token=any(item.per_token for item, _ in taken))
+                results = self.rm.score_encoded(encoded, per_token=any(item.per_token for item, _ in taken),
+                                                self_certainty=any(item.self_certainty for item, _ in taken))
             except Exception as err:  # noqa: BLE001 - handed to each waiting request as a 500
                 for item, _ in taken:
                     if not item.cancelled:
@@ -387,10 +393,12 @@ class RewardService:
         """The one row path (:class:`endokern.pipeline.RowScorer`) split around the batcher: prepared on the encoding
         thread, scored in a merged step, assembled here."""
         prepared = await self._prepare(rows, scorer)
-        results = await self._score(prepared.to_score, scorer.task.needs_per_token)
+        results = await self._score(prepared.to_score, scorer.task.needs_per_token,
+                                    getattr(scorer.task, "needs_self_certainty", False))
         return scorer.assemble(prepared, results)
 
-    async def _score(self, encoded: List[Encoded], per_token: bool) -> List[ScoreResult]:
+    async def _score(self, encoded: List[Encoded], per_token: bool, self_certainty: bool = False
+                     ) -> List[ScoreResult]:
         if not encoded:
             return []
         tokens = sum(e.length for e in encoded)
@@ -410,7 +418,7 @@ class RewardService:
         def deliver(results, error):
             loop.call_soon_threadsafe(resolve, results, error)
 
-        item = self.batcher.submit(encoded, per_token, deliver)
+        item = self.batcher.submit(encoded, per_token, deliver, self_certainty)
         if item is None:
             raise HTTPError(503, f"the queue is full ({self.batcher.queued_tokens} tokens waiting, "
                                  f"--max-queue-tokens {self.options.max_queue_tokens}); retry later",
@@ -423,10 +431,10 @@ class RewardService:
 
     async def score(self, body: Any) -> Dict[str, Any]:
         body = _object(body)
-        unknown = set(body) - {"rows", "per_token", "gamma", "terminal", "reduce"}
+        unknown = set(body) - {"rows", "per_token", "gamma", "terminal", "reduce", "variant"}
         if unknown:
             raise HTTPError(422, f"unknown field(s) {sorted(unknown)}; /score takes rows, per_token, gamma, terminal, "
-                                 "reduce")
+                                 "reduce, variant")
         rows = body.get("rows")
         if not isinstance(rows, list):
             raise HTTPError(422, "field 'rows' must be a list of {prompt, response}, {messages} or {prompt_ids | "
@@ -444,6 +452,17 @@ class RewardService:
         return {"results": answer}
 
     def _variant(self, body: Dict[str, Any]) -> Optional[Variant]:
+        if "variant" in body:  # a name of endokern.variants (self-certainty, mean, loglik, ...), or gamma/terminal/reduce
+            if any(k in body for k in ("gamma", "terminal", "reduce")):
+                raise HTTPError(422, "give either 'variant' or gamma/terminal/reduce, not both")
+            try:
+                variant = parse_variant(body["variant"]) if isinstance(body["variant"], str) else None
+            except ValueError as err:
+                raise HTTPError(422, str(err)) from None
+            if variant is None or variant.kind == "judge":
+                raise HTTPError(422, "field 'variant' must name a one-pass variant (" +
+                                ", ".join(n for n in VARIANT_NAMES if n != "judge") + ")")
+            return variant
         if not any(k in body for k in ("gamma", "terminal", "reduce")):
             return None
         gamma = body.get("gamma", self.rm.gamma)

@@ -138,6 +138,22 @@ def test_per_token_and_reward_variant_from_the_same_pass(server, rng):
                     assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
 
 
+def test_self_certainty_variant_by_name(server, rng):
+    """``variant`` names a reward variant: self-certainty equals the library's; an unknown name is a 422 listing them."""
+    rows = good_rows(rng, 4)
+    answer = post(server.url, "/score", {"rows": rows, "variant": "self-certainty"})
+    assert answer.status_code == 200, answer.text
+    model, tokenizer = fixture_model()
+    expected = EndoRM(model, tokenizer).score([r["prompt"] for r in rows], [r["response"] for r in rows],
+                                              self_certainty=True)
+    for got, want in zip(answer.json()["results"], expected):
+        assert math.isclose(got["reward"], want.self_certainty, rel_tol=RTOL, abs_tol=RTOL), (got, want)
+        assert got["reward_mean"] == got["reward"]
+    bad = post(server.url, "/score", {"rows": rows, "variant": "certainty"})
+    assert bad.status_code == 422 and "self-certainty" in bad.text
+    assert post(server.url, "/score", {"rows": rows, "variant": "mean", "gamma": 0.5}).status_code == 422
+
+
 def joint_rows(queries, prompts):
     """What the policy produced, read independently of the server: the query tokenized once, its first tokens the
     prompt's own tokens (the prompts here end in a word and the responses start with a space)."""

@@ -4,8 +4,9 @@ Work is split into (row block, vocabulary split) programs. Each program walks it
 vocabulary in tiles of BLOCK_N columns; for each tile it accumulates ``hidden[rows] @ weight[cols]^T``
 in fp32 over D, applies bias and softcap to the tile, picks up the target logits, and folds the tile
 into a running (max, sum, entropy sum) per row, in base 2 with ``log2(e) / alpha`` folded into one
-scale. The partials of every split go to a small fp32 buffer ``[4, num_splits, N]`` that a second
-kernel merges in split order: deterministic, no atomics. The split size depends on the vocabulary
+scale; with ``return_logit_sum`` also the running sum of the tile's logits (after bias and softcap, before the
+1/alpha scale; a fifth partial plane, WITH_SUM constexpr, so nothing changes when off). The partials of every split
+go to a small fp32 buffer ``[4 (5), num_splits, N]`` that a second kernel merges in split order: deterministic, no atomics. The split size depends on the vocabulary
 only, never on N, so a row's bits do not depend on the batch; small N still fills the GPU through the
 splits.
 
@@ -40,6 +41,7 @@ except Exception as exc:  # ImportError, or a broken install
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 STATS = 4  # per split and row: max, sum, entropy sum (base 2, relative to max), target logit
+SUM_PLANE = 4  # with return_logit_sum: a fifth plane, the split's sum of logits
 
 
 def triton_interpreting() -> bool:
@@ -137,7 +139,7 @@ if triton is not None:
         n_rows, vocab, dim,
         stride_hn, stride_hd, stride_wv, stride_wd,
         num_splits, split_size, group_m, scale, softcap,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BROADCAST_DOT: tl.constexpr, FLATTEN: tl.constexpr,
         H_K_UNIT: tl.constexpr, W_K_UNIT: tl.constexpr,
         TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAINLOOP_ONLY: tl.constexpr,
@@ -162,6 +164,7 @@ if triton is not None:
         run_sum = tl.zeros([BLOCK_M], tl.float32)
         run_ent = tl.zeros([BLOCK_M], tl.float32)
         target_logit = tl.zeros([BLOCK_M], tl.float32)
+        run_lsum = tl.zeros([BLOCK_M], tl.float32)  # sum of z over the split (WITH_SUM)
 
         if TMA:  # device-side descriptors: Triton warp-specializes a Hopper loop only with these, not host ones
             h_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[n_rows, dim], strides=[stride_hn, 1],
@@ -194,9 +197,9 @@ if triton is not None:
             if MAINLOOP_ONLY:  # the timing probe: one max per tile, nothing else
                 run_max = tl.maximum(run_max, tl.max(acc, axis=1))
             else:
-                run_max, run_sum, run_ent, target_logit = _fold_tile(
+                run_max, run_sum, run_ent, target_logit, run_lsum = _fold_tile(
                     acc, cols, cols64, col_ok, target, bias_ptr, scale, softcap, run_max, run_sum, run_ent,
-                    target_logit, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY)
+                    target_logit, run_lsum, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, WITH_SUM)
 
         if MAINLOOP_ONLY:
             run_max = run_max * scale
@@ -207,6 +210,8 @@ if triton is not None:
         tl.store(out + plane, run_sum, mask=row_ok)
         tl.store(out + 2 * plane, run_ent, mask=row_ok)
         tl.store(out + 3 * plane, target_logit, mask=row_ok)
+        if WITH_SUM:
+            tl.store(out + 4 * plane, run_lsum, mask=row_ok)
 
     @triton.jit
     def _load_tiles(hidden_ptr, weight_ptr, rows64, row_ok, cols64, col_ok, k0, dim,
@@ -237,8 +242,10 @@ if triton is not None:
 
     @triton.jit
     def _fold_tile(acc, cols, cols64, col_ok, target, bias_ptr, scale, softcap, run_max, run_sum, run_ent,
-                   target_logit, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-        """The epilogue of one tile of logits: bias, softcap, target pick-up, online max / sum / entropy."""
+                   target_logit, run_lsum, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   WITH_ENTROPY: tl.constexpr, WITH_SUM: tl.constexpr):
+        """The epilogue of one tile of logits: bias, softcap, target pick-up, online max / sum / entropy, and the
+        sum of the logits (WITH_SUM)."""
         z = acc
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0)[None, :]
@@ -247,6 +254,8 @@ if triton is not None:
 
         hit = cols[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if WITH_SUM:  # real columns only (a padded column's z is 0 plus bias 0, but say so)
+            run_lsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
         # Base-2 logits over alpha. Columns past the split get a finite floor, not -inf: their p is 0 and
         # p * (u - max) stays 0 without a second mask (every tile has at least one real column).
@@ -260,13 +269,13 @@ if triton is not None:
             tile_ent = tl.sum(p * u_shifted, axis=1)
             run_ent = rescale * (run_ent + run_sum * shift) + tile_ent
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
-        return new_max, run_sum, run_ent, target_logit
+        return new_max, run_sum, run_ent, target_logit, run_lsum
 
     @triton.jit(do_not_specialize=["n_rows", "num_splits"])
     def _merge_splits_kernel(
-        partial_ptr, value_ptr, target_ptr, entropy_ptr,
+        partial_ptr, value_ptr, target_ptr, entropy_ptr, logit_sum_ptr,
         n_rows, num_splits, value_scale,  # value = alpha * ln(2) * (max + log2(sum))
-        WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+        WITH_ENTROPY: tl.constexpr, WITH_SUM: tl.constexpr, BLOCK: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row_ok = rows < n_rows
@@ -280,6 +289,7 @@ if triton is not None:
         total_sum = tl.zeros([BLOCK], tl.float32)
         total_ent = tl.zeros([BLOCK], tl.float32)
         target_logit = tl.zeros([BLOCK], tl.float32)
+        total_lsum = tl.zeros([BLOCK], tl.float32)
         for s in range(0, num_splits):
             at = partial_ptr + s * n64 + rows64
             split_max = tl.load(at, mask=row_ok, other=0.0)
@@ -290,12 +300,16 @@ if triton is not None:
             if WITH_ENTROPY:
                 total_ent += rescale * (tl.load(at + 2 * plane, mask=row_ok, other=0.0) + split_sum * shift)
             target_logit += tl.load(at + 3 * plane, mask=row_ok, other=0.0)
+            if WITH_SUM:
+                total_lsum += tl.load(at + 4 * plane, mask=row_ok, other=0.0)
 
         log2_sum = tl.log2(total_sum)
         tl.store(value_ptr + rows64, value_scale * (total_max + log2_sum), mask=row_ok)
         tl.store(target_ptr + rows64, target_logit, mask=row_ok)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + rows64, (log2_sum - total_ent / total_sum) * 0.6931471805599453, mask=row_ok)
+        if WITH_SUM:
+            tl.store(logit_sum_ptr + rows64, total_lsum, mask=row_ok)
 
 
 def aligned_operand(x: torch.Tensor) -> bool:
@@ -320,6 +334,7 @@ def forward(
     softcap: Optional[float],
     return_entropy: bool,
     config: Optional[KernelConfig] = None,
+    return_logit_sum: bool = False,
 ):
     n, d = hidden.shape
     v = weight.shape[0]
@@ -329,7 +344,8 @@ def forward(
     num_splits = triton.cdiv(v, cfg.split_size)
     row_blocks = triton.cdiv(n, cfg.block_m)
 
-    partial = torch.empty((STATS, num_splits, n), dtype=torch.float32, device=device)
+    with_sum = return_logit_sum and not cfg.mainloop_only  # the timing probe computes no sums
+    partial = torch.empty((STATS + (1 if with_sum else 0), num_splits, n), dtype=torch.float32, device=device)
     if hidden.dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:
@@ -344,7 +360,7 @@ def forward(
         n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         num_splits, cfg.split_size, min(cfg.group_m, row_blocks), LOG2E / alpha, float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=return_entropy,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=return_entropy, WITH_SUM=with_sum,
         UPCAST=interpreting, DOT_PRECISION=precision, BROADCAST_DOT=cfg.broadcast_dot and interpreting,
         FLATTEN=cfg.flatten, H_K_UNIT=hidden.stride(1) == 1, W_K_UNIT=weight.stride(1) == 1,
         TMA=cfg.tma, WARP_SPECIALIZE=cfg.warp_specialize, MAINLOOP_ONLY=cfg.mainloop_only,
@@ -353,11 +369,14 @@ def forward(
     value = torch.empty(n, dtype=torch.float32, device=device)
     target_logit = torch.empty_like(value)
     entropy = torch.empty_like(value) if return_entropy else value
+    logit_sum = torch.zeros_like(value) if return_logit_sum else value
     merge_block = 128
     _merge_splits_kernel[(triton.cdiv(n, merge_block),)](
-        partial, value, target_logit, entropy, n, num_splits, alpha * LN2,
-        WITH_ENTROPY=return_entropy, BLOCK=merge_block,
+        partial, value, target_logit, entropy, logit_sum, n, num_splits, alpha * LN2,
+        WITH_ENTROPY=return_entropy, WITH_SUM=with_sum, BLOCK=merge_block,
     )
+    if return_logit_sum:
+        return value, target_logit, entropy if return_entropy else None, logit_sum
     return value, target_logit, entropy if return_entropy else None
 
 

@@ -382,11 +382,11 @@ def test_triton_tl_dot_path_under_interpreter(gen, dtype):
     hidden, weight, targets, bias = make_inputs(gen, 37, 40, 700, dtype, with_bias=True)
     cfg = triton_backend.kernel_config(TEST_DEVICE, dtype)._replace(broadcast_dot=False)
     ids = torch.where(targets == -100, -1, targets)
-    value, target_logit, entropy = triton_backend.forward(
-        hidden, weight, ids, bias=bias, alpha=0.7, softcap=30.0, return_entropy=True, config=cfg
+    value, target_logit, entropy, logit_sum = triton_backend.forward(
+        hidden, weight, ids, bias=bias, alpha=0.7, softcap=30.0, return_entropy=True, config=cfg, return_logit_sum=True
     )
     target_logit = torch.where(ids >= 0, target_logit, float("nan"))
-    out = endokern.SoftValues(value, target_logit, entropy)
+    out = endokern.SoftValues(value, target_logit, entropy, logit_sum)
     assert_close_to_oracle(out, hidden, weight, targets, alpha=0.7, bias=bias, softcap=30.0, label="tl.dot")
 
 

@@ -105,6 +105,10 @@ def test_unit_cases_are_what_the_tests_claim(compiled, label):
         assert (90, "bf16", "llama3-8b", "row-major", config) in cases
     everything = [r for r in records if r["shape"] == "llama3-8b" and r["bias"] and r["softcap"] and r["entropy"]]
     assert {r["kernel"] for r in everything} == {"_soft_values_split_kernel", "_merge_splits_kernel"}
+    for arch in (90, 80):  # the logit sum (self-certainty) with every other option: both kernels, both targets
+        for dtype in ("fp32", "bf16"):
+            with_sum = {r["kernel"] for r in everything if r.get("logit_sum") and (r["arch"], r["dtype"]) == (arch, dtype)}
+            assert with_sum == {"_soft_values_split_kernel", "_merge_splits_kernel"}, (arch, dtype)
 
 
 @pytest.mark.parametrize("label", _versions())

@@ -458,3 +458,55 @@ def test_cpu_forced_unsupported_simd_is_refused(monkeypatch):
     monkeypatch.setenv("ENDOKERN_CPU_SIMD", "neon")
     with pytest.raises(RuntimeError, match="not supported"):
         endokern.soft_values(*_good(), backend="cpu")
+
+
+# ---- the LM head's NaN/Inf check in the C++ kernel: no extra pass, every write seen ------------------------------
+
+
+@pytest.mark.parametrize("simd", _simd_paths())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("write", ["index", "data", "numpy", "view"])
+def test_cpu_kernel_sees_every_change_of_the_head(gen, monkeypatch, simd, dtype, write):
+    """A head found finite by one call and then changed in place, by any route (one that bumps torch's version
+    counter and ones that do not: ``.data``, NumPy), is refused by the next call, on every SIMD path and dtype; a
+    clean call reads the head for NaN/Inf only inside the kernel (no separate pass)."""
+    import importlib
+
+    front = importlib.import_module("endokern.ops.soft_values")  # the module (the package exports the function)
+    monkeypatch.setenv("ENDOKERN_CPU_SIMD", simd)
+    n = int(torch.randint(1, 40, (1,), generator=gen))
+    d = int(torch.randint(1, 80, (1,), generator=gen))  # odd D too: the bf16 path's padded last pair
+    v = int(torch.randint(2, 3000, (1,), generator=gen))
+    hidden, weight, targets, _ = make_inputs(gen, n, d, v, dtype, device="cpu")
+    read = []
+    original = front._check_finite
+    monkeypatch.setattr(front, "_check_finite", lambda name, x: (read.append(name), original(name, x)))
+    clean = endokern.soft_values(hidden, weight, targets, backend="cpu")
+    assert "weight" not in read and bool(torch.isfinite(clean.value).all())
+    bad = [float("nan"), float("inf"), -float("inf")][int(torch.randint(0, 3, (1,), generator=gen))]
+    row, col = int(torch.randint(0, v, (1,), generator=gen)), int(torch.randint(0, d, (1,), generator=gen))
+    version = weight._version
+    if write == "index":
+        weight[row, col] = bad
+    elif write == "data":
+        weight.data[row, col] = bad
+    elif write == "view":
+        weight.view(-1)[row * d + col] = bad
+    else:
+        as_bits = weight.view(torch.int16) if dtype != torch.float32 else weight.view(torch.int32)
+        as_bits.numpy()[row, col] = torch.tensor([bad], dtype=dtype).view(as_bits.dtype).item()
+    assert (weight._version == version) == (write in ("data", "numpy"))  # what a cache keyed on it would miss
+    with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        endokern.soft_values(hidden, weight, targets, backend="cpu")
+
+
+def test_cpu_kernel_head_check_does_not_hide_an_overflow(gen):
+    """Finite inputs whose logits overflow fp32 are not called a bad head: the values come back as they are."""
+    from endokern.ops import cpu_backend
+
+    if cpu_backend.UNAVAILABLE:
+        pytest.skip("not built")
+    hidden = torch.full((3, 4), 3e19) * (1 + torch.rand(3, 4, generator=gen))
+    weight = torch.full((5, 4), 3e19) * (1 + torch.rand(5, 4, generator=gen))
+    out = endokern.soft_values(hidden, weight, torch.tensor([0, 1, 4]), backend="cpu")
+    assert not bool(torch.isfinite(out.value).any())

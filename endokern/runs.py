@@ -67,8 +67,8 @@ def paths(settings: Settings) -> Dict[str, str]:
 
 def prepare(settings: Settings) -> Dict[str, str]:
     """Everything that can be checked before a run starts, with nothing created: the options
-    (:meth:`Settings.validate`), the files, device and model they name (:func:`endokern.checks.check_environment`), and that
-    no file the run writes is one of its inputs. Returns the run's files (:func:`paths`); raises
+    (:meth:`Settings.validate`), the files, device and model they name (:func:`endokern.checks.check_environment`),
+    and that no file the run writes is one of its inputs. Returns the run's files (:func:`paths`); raises
     :class:`~endokern.settings.SettingsError`."""
     check_environment(settings.validate())
     files = paths(settings)
@@ -252,6 +252,8 @@ def _run_local(settings: Settings, files: Dict[str, str], rm: Any, top_fraction:
                 rm = load_model(settings)
             elif isinstance(rm, _LazyModel):
                 rm = rm.get()
+            log(f"endokern: {settings.model} in {str(rm.head.weight.dtype).replace('torch.', '')} on {rm.device}"
+                + (f", {rm.threads} CPU thread(s) ({rm.threads_reason})" if getattr(rm, "threads", None) else ""))
             try:
                 resolve_template(rm.tokenizer, settings.template)
             except ValueError as err:

@@ -102,6 +102,8 @@ class Scorer:
             if isinstance(options.get("packing"), bool):  # EndoRM's spelling of the command line's on / off
                 options["packing"] = "on" if options["packing"] else "off"
             settings = Settings(command=command, **({"model": model} if model is not None else {}), **options)
+        if torch_threads and settings.threads is None:  # the actor's CPUs, not what the machine as a whole has free
+            settings = settings.replace(threads=str(int(torch_threads)))
         settings.validate()
         if torch_threads:
             torch.set_num_threads(int(torch_threads))

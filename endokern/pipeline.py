@@ -22,7 +22,7 @@ from . import layouts
 from .io import InputRow, RunWriter, read_inputs
 from .model import EndoRM, ScoreResult, progress_bar
 from .settings import ModelSettings, Settings
-from .tokenization import Encoded, EncodeError, TextExample, resolve_template
+from .tokenization import Encoded, EncodeError, TextExample, document_start, resolve_template
 from .variants import Variant, variant_score
 
 __all__ = ["AttributesTask", "ChunkResult", "CompareTask", "FilterTask", "PreparedChunk", "RankTask", "RowScorer",
@@ -153,19 +153,20 @@ class AttributesTask(Task):
     [[0, len(text), value]]}}`` for reward, reward_mean, logprob and num_tokens (and, filtering, ``keep``: 1 or 0 by
     ``min_reward``); a document that cannot be scored keeps its line with no attributes. A document is its ``text``
     (or the column ``--fields response=`` names) after its ``prompt`` when it has one, else after the model's
-    beginning of sequence."""
+    beginning of sequence (:func:`endokern.tokenization.document_start`)."""
 
     name = "attributes"
 
-    def __init__(self, attribute: str, min_reward: Optional[float] = None):
+    def __init__(self, attribute: str, min_reward: Optional[float] = None, start: str = ""):
         self.attribute = attribute
         self.min_reward = min_reward
+        self.start = start  # the prompt text of a document with none (endokern.tokenization.document_start)
 
     def examples(self, row):
         text = row.get("response", row.get("text"))
         if not isinstance(text, str):
             raise layouts.RowError("a document needs a 'text' string (or --fields response=COLUMN)")
-        prompt = row.get("prompt") or ""
+        prompt = row.get("prompt") or self.start
         if not isinstance(prompt, str):
             raise layouts.RowError("field 'prompt' must be a string")
         return [TextExample(prompt=prompt, response=text)], len(text)
@@ -187,7 +188,8 @@ def make_task(settings: Settings, rm: EndoRM, *, keep_scored: bool = False) -> T
     (HH-RLHF transcripts become messages under a chat template); filter's ``keep_scored`` sends every scored row to
     ``output`` (a later pass keeps the top fraction)."""
     if settings.attributes is not None:
-        task: Task = AttributesTask(settings.attributes, settings.min_reward if settings.command == "filter" else None)
+        task: Task = AttributesTask(settings.attributes, settings.min_reward if settings.command == "filter" else None,
+                                    document_start(rm.tokenizer))
     elif settings.command == "score":
         task = ScoreTask(per_token=settings.per_token, self_certainty=settings.self_certainty)
     elif settings.command == "compare":

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
-__all__ = ["EncodeError", "Encoded", "Encoder", "TEMPLATES", "TextExample", "end_of_turn_ids", "has_chat_template",
-           "resolve_template"]
+__all__ = ["EncodeError", "Encoded", "Encoder", "TEMPLATES", "TextExample", "document_start", "end_of_turn_ids",
+           "has_chat_template", "resolve_template"]
 
 TEMPLATES = ("auto", "plain", "chat")
 
@@ -277,6 +277,19 @@ def _check_text(value, name: str, allow_empty: bool) -> None:
         raise EncodeError(f"{name} must be a string, got {type(value).__name__}")
     if not allow_empty and not value:
         raise EncodeError(f"empty {name}")
+
+
+def document_start(tokenizer) -> str:
+    """The prompt text of a row with no prompt, so that its text is scored from the model's beginning of sequence
+    under the plain template: ``""`` when the tokenizer adds a BOS of its own, else its BOS token, else its EOS token
+    (the separator between documents of models trained without a BOS)."""
+    if tokenizer("", add_special_tokens=True)["input_ids"]:
+        return ""
+    for token in (tokenizer.bos_token, tokenizer.eos_token):
+        if token and len(tokenizer(token, add_special_tokens=True)["input_ids"]) == 1:
+            return token
+    raise ValueError("the tokenizer adds no BOS and has no BOS or EOS token to start a text from: give the rows a "
+                     "prompt")
 
 
 def _ids(value, name: str) -> List[int]:

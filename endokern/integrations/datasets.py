@@ -14,7 +14,7 @@ A batch's rows are read as ``endokern score`` reads a file's (columns ``prompt``
 ``num_tokens`` 0): no row is lost silently. No column is ever ``None`` (a column whose first batch holds only ``None``
 is written as Arrow's null type, and the next batch with a value fails). A row with no prompt (no ``prompt`` or
 ``messages`` column, none mapped) is scored as text from the model's beginning of sequence
-(:func:`document_start`), under the plain template.
+(:func:`endokern.tokenization.document_start`), under the plain template.
 
 Options are :class:`endokern.settings.ModelSettings`' fields (``template``, ``alpha``, ``dtype``, ``device``,
 ``batch_tokens``, ``max_length``...) and ``variant``, a reward variant of :mod:`endokern.variants` (``mean``,
@@ -43,6 +43,7 @@ import torch
 from ..model import EndoRM
 from ..pipeline import RowScorer, ScoreTask
 from ..settings import ModelSettings, SettingsError, parse_fields
+from ..tokenization import document_start
 from ..variants import parse_variant
 
 __all__ = ["EndoRMMapper", "OUTPUT_COLUMNS", "SCORE_COLUMNS", "document_start", "load_model", "rank_device",
@@ -74,19 +75,6 @@ def load_model(settings: ModelSettings) -> EndoRM:
         _LOADED.clear()  # free the old model before loading another
         _LOADED["model"] = (key, EndoRM.from_settings(settings))
     return _LOADED["model"][1]
-
-
-def document_start(tokenizer) -> str:
-    """The prompt text of a row with no prompt, so that its text is scored from the model's beginning of sequence
-    under the plain template: ``""`` when the tokenizer adds a BOS of its own, else its BOS token, else its EOS token
-    (the separator between documents of models trained without a BOS)."""
-    if tokenizer("", add_special_tokens=True)["input_ids"]:
-        return ""
-    for token in (tokenizer.bos_token, tokenizer.eos_token):
-        if token and len(tokenizer(token, add_special_tokens=True)["input_ids"]) == 1:
-            return token
-    raise ValueError("the tokenizer adds no BOS and has no BOS or EOS token to start a text from: give the rows a "
-                     "prompt")
 
 
 class EndoRMMapper:

@@ -17,7 +17,7 @@ only adds it. ``pip install 'endokern[datatrove]'``.
 Each document is scored in batches of ``batch_size`` (through ``filter_batch``) as ``endokern score`` scores a row
 whose ``response`` is ``doc.text`` and whose ``prompt`` comes from ``prompt_key`` (a key of ``doc.metadata``), or is
 the fixed instruction ``prompt``, or with neither is none: the text is then scored from the model's beginning of
-sequence (:func:`endokern.integrations.datasets.document_start`), as pretraining data is. ``doc.metadata`` gets
+sequence (:func:`endokern.tokenization.document_start`), as pretraining data is. ``doc.metadata`` gets
 ``reward``, ``reward_mean``, ``logprob`` and ``num_tokens``, or ``reward_error`` with the reason when the document
 cannot be scored (an empty text, a missing ``prompt_key``, longer than ``max_length``).
 

@@ -208,7 +208,7 @@ def compile_case(arch, dtype_name, shape, features, config_name=None, tf32=False
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     seconds = time.perf_counter() - start
-    cfg = config or triton_backend.launch_config(hidden, weight)
+    cfg = config or triton_backend.launch_config(hidden, weight, logit_sum=logit_sum)
     out = []
     for kernel_name, kernel in launches.compiled:
         split = kernel_name == "_soft_values_split_kernel"

@@ -254,8 +254,6 @@ if triton is not None:
 
         hit = cols[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        if WITH_SUM:  # real columns only (a padded column's z is 0 plus bias 0, but say so)
-            run_lsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
         # Base-2 logits over alpha. Columns past the split get a finite floor, not -inf: their p is 0 and
         # p * (u - max) stays 0 without a second mask (every tile has at least one real column).
@@ -269,6 +267,8 @@ if triton is not None:
             tile_ent = tl.sum(p * u_shifted, axis=1)
             run_ent = rescale * (run_ent + run_sum * shift) + tile_ent
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        if WITH_SUM:  # a column past the split loaded as 0 with a bias of 0, and softcap(0) = 0: it adds exactly 0
+            run_lsum += tl.sum(z, axis=1)
         return new_max, run_sum, run_ent, target_logit, run_lsum
 
     @triton.jit(do_not_specialize=["n_rows", "num_splits"])
@@ -319,9 +319,15 @@ def aligned_operand(x: torch.Tensor) -> bool:
             and (x.device.type == "meta" or x.data_ptr() % 16 == 0))
 
 
-def launch_config(hidden: torch.Tensor, weight: torch.Tensor) -> KernelConfig:
+def launch_config(hidden: torch.Tensor, weight: torch.Tensor, logit_sum: bool = False) -> KernelConfig:
     """The config soft_values launches for these operands (a row slice keeps its batch's layout, so its config)."""
-    return kernel_config(hidden.device, hidden.dtype, aligned_operand(hidden) and aligned_operand(weight))
+    cfg = kernel_config(hidden.device, hidden.dtype, aligned_operand(hidden) and aligned_operand(weight))
+    if logit_sum and cfg == GPU_CANDIDATES["default"]:
+        # The logit sum's loop-carried row vector takes the default tile past 255 registers on sm_90 with 3 stages
+        # (bf16 or fp16 with no bias, softcap or entropy: the row offset, 4 B, spills across the vocabulary loop); 2
+        # stages fit with no spill. The same tiles in the same order: value, target logit and entropy keep their bits.
+        cfg = cfg._replace(num_stages=2)
+    return cfg
 
 
 def forward(
@@ -340,7 +346,7 @@ def forward(
     v = weight.shape[0]
     device = hidden.device
     interpreting = triton_interpreting()
-    cfg = config or launch_config(hidden, weight)
+    cfg = config or launch_config(hidden, weight, logit_sum=return_logit_sum)
     num_splits = triton.cdiv(v, cfg.split_size)
     row_blocks = triton.cdiv(n, cfg.block_m)
 

@@ -204,7 +204,15 @@ if triton is not None:
         if MAINLOOP_ONLY:
             run_max = run_max * scale
             run_sum += 1.0
-        out = partial_ptr + pid_s.to(tl.int64) * n_rows + rows64
+        if WITH_SUM:
+            # The rows again from scalars (a scalar base plus the lane's offset), so no row vector stays live across
+            # the vocabulary loop beside the sum's: with both, the default tile spills one register.
+            first_row = pid_m * BLOCK_M
+            lane = tl.arange(0, BLOCK_M)
+            row_ok = lane < n_rows - first_row
+            out = partial_ptr + (pid_s.to(tl.int64) * n_rows + first_row) + lane
+        else:
+            out = partial_ptr + pid_s.to(tl.int64) * n_rows + rows64
         plane = num_splits.to(tl.int64) * n_rows
         tl.store(out, run_max, mask=row_ok)
         tl.store(out + plane, run_sum, mask=row_ok)
@@ -324,8 +332,9 @@ def launch_config(hidden: torch.Tensor, weight: torch.Tensor, logit_sum: bool = 
     cfg = kernel_config(hidden.device, hidden.dtype, aligned_operand(hidden) and aligned_operand(weight))
     if logit_sum and cfg == GPU_CANDIDATES["default"]:
         # The logit sum's loop-carried row vector takes the default tile past 255 registers on sm_90 with 3 stages
-        # (bf16 or fp16 with no bias, softcap or entropy: the row offset, 4 B, spills across the vocabulary loop); 2
-        # stages fit with no spill. The same tiles in the same order: value, target logit and entropy keep their bits.
+        # (Triton 3.9, bf16 or fp16 with no bias, softcap or entropy: the row offset, 4 B, spills across the
+        # vocabulary loop); 2 stages (and the rows recomputed after the loop, in the kernel) fit with no spill on
+        # sm_80 and sm_90 with Triton 3.6 and 3.9. The same tiles in the same order: the other outputs keep their bits.
         cfg = cfg._replace(num_stages=2)
     return cfg
 

@@ -238,12 +238,12 @@ class ThreadPolicy:
 
 
 def parse_threads(value) -> Optional[int]:
-    """``--threads`` / ``ENDOKERN_THREADS``: a count >= 1, ``all`` (0: every usable CPU, no load check), or
-    ``auto``/empty (None). ValueError otherwise."""
+    """``--threads`` / ``ENDOKERN_THREADS``: a count >= 1, ``all`` (0: every usable CPU), ``adaptive`` (-1: the
+    usable CPUs less the busy ones, looked at before each batch), or ``auto``/empty (None). ValueError otherwise."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"threads must be a count >= 1, 'all' or 'auto', got {value!r}")
+        raise ValueError(f"threads must be a count >= 1, 'all', 'auto' or 'adaptive', got {value!r}")
     if isinstance(value, int):
         if value < 1:
             raise ValueError(f"threads must be >= 1, got {value}")
@@ -253,10 +253,12 @@ def parse_threads(value) -> Optional[int]:
         return None
     if text == "all":
         return 0
+    if text == "adaptive":
+        return -1
     try:
         count = int(text)
     except ValueError:
-        raise ValueError(f"threads must be a count >= 1, 'all' or 'auto', got {value!r}") from None
+        raise ValueError(f"threads must be a count >= 1, 'all', 'auto' or 'adaptive', got {value!r}") from None
     if count < 1:
         raise ValueError(f"threads must be >= 1, got {value!r}")
     return count
@@ -264,9 +266,11 @@ def parse_threads(value) -> Optional[int]:
 
 def resolve_threads(requested=None) -> Tuple[int, bool, str]:
     """``(threads, adaptive, reason)`` for a CPU run, from ``requested`` (``--threads``), else ``ENDOKERN_THREADS``,
-    else ``OMP_NUM_THREADS`` (a count as given), else ``auto``. A count is taken as given; ``all`` is every usable
-    CPU (affinity mask, cgroup quota); ``auto`` is the usable CPUs less those that other processes keep busy, looked
-    at again before each batch (``adaptive``)."""
+    else ``OMP_NUM_THREADS`` (a count as given), else ``auto``. A count is taken as given; ``all`` and ``auto`` are
+    every usable CPU (affinity mask, cgroup quota), fixed for the run, so a row's bits never depend on the load (a
+    resumed run ends with the bytes of one never stopped; OpenMP threads wait passively, so a busy core costs little);
+    ``adaptive`` is the usable CPUs less those that other processes keep busy, looked at again before each batch
+    (fastest on a shared machine, but the count, and so the last bits of a row, can change between batches)."""
     try:
         value, source = parse_threads(requested), "--threads"
     except ValueError as err:
@@ -280,14 +284,16 @@ def resolve_threads(requested=None) -> Tuple[int, bool, str]:
                 raise ValueError(f"{THREADS_ENV}={env!r}: {err}") from None
         elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
             value, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    if value:
+    if value is not None and value > 0:
         return value, False, f"{source}={value}"
     usable, why = usable_cpus()
     if value == 0:
         return usable, False, f"{source}=all: {usable} usable CPUs ({why})"
+    if value is None:
+        return usable, False, f"auto: {usable} usable CPUs ({why})"
     busy = busy_cpus()
     free = max(1, usable - busy)
-    reason = f"auto: {usable} usable CPUs ({why})"
+    reason = f"adaptive: {usable} usable CPUs ({why})"
     if usable > 1:
         reason += f", {busy} kept busy by other processes now; looked at again before each batch"
     return free, True, reason

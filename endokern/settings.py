@@ -122,9 +122,10 @@ class ModelSettings:
     dtype: Optional[str] = _opt(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU; auto: bfloat16 on a "
                                 "CPU with native bf16 dot products, avx512_bf16 or amx_bf16, else float32)",
                                 group="model", choices=DTYPES, key=True)
-    threads: Optional[str] = _opt(None, "CPU threads: a count, 'all' (every CPU the affinity mask and cgroup quota "
-                                  "allow) or 'auto' (the default: those CPUs less the ones other processes keep busy); "
-                                  "default: $ENDOKERN_THREADS, else auto", group="model", metavar="N|all|auto")
+    threads: Optional[str] = _opt(None, "CPU threads: a count; 'all' or 'auto' (the default): every CPU the affinity "
+                                  "mask and cgroup quota allow, fixed for the run; 'adaptive': those less the ones other "
+                                  "processes keep busy, looked at before each batch (last bits may change); default: "
+                                  "$ENDOKERN_THREADS, else auto", group="model", metavar="N|all|auto|adaptive")
     backend: str = _opt("auto", group="model", choices=BACKENDS, key=True)
     packing: str = _opt("auto", "padding-free packing (auto: where flash-attn's varlen path runs)", group="model",
                         choices=tuple(PACKINGS), key=True)
@@ -142,7 +143,7 @@ class ModelSettings:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.threads is not None and not _threads_ok(self.threads):
-            raise SettingsError(f"--threads must be a count >= 1, 'all' or 'auto', got {self.threads!r}")
+            raise SettingsError(f"--threads must be a count >= 1, 'all', 'auto' or 'adaptive', got {self.threads!r}")
         for name in ("batch_tokens", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -358,7 +359,7 @@ def _threads_ok(value: Any) -> bool:
     if isinstance(value, int):
         return value >= 1
     text = str(value).strip().lower()
-    return text in ("all", "auto") or (text.isdigit() and int(text) >= 1)
+    return text in ("all", "auto", "adaptive") or (text.isdigit() and int(text) >= 1)
 
 
 def _default(f: dataclasses.Field) -> Any:

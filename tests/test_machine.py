@@ -130,10 +130,13 @@ def test_resolve_threads_overrides_and_auto(monkeypatch, rng):
     monkeypatch.setattr(machine, "_affinity", lambda: affinity)
     monkeypatch.setattr(machine, "cgroup_cpu_limit", lambda *a, **k: None)
     monkeypatch.setattr(machine, "busy_cpus", lambda *a, **k: busy)
-    # auto: the usable CPUs less the busy ones, at least one, looked at again per batch
+    # auto: every usable CPU, fixed (a row's bits never depend on the load); adaptive: less the busy ones, at least
+    # one, looked at again per batch
     count, adaptive, reason = machine.resolve_threads(None)
-    assert count == max(1, affinity - busy) and adaptive and "auto" in reason
-    assert machine.resolve_threads("auto")[:2] == (count, True)
+    assert (count, adaptive) == (affinity, False) and "auto" in reason
+    assert machine.resolve_threads("auto")[:2] == (affinity, False)
+    count, adaptive, reason = machine.resolve_threads("adaptive")
+    assert count == max(1, affinity - busy) and adaptive and "adaptive" in reason
     assert machine.resolve_threads("all")[:2] == (affinity, False)
     n = rng.randint(1, 99)
     assert machine.resolve_threads(n)[:2] == (n, False) and machine.resolve_threads(str(n))[:2] == (n, False)

@@ -411,7 +411,7 @@ class RecordingModel:
         self.calls = []
         self.fail = fail
 
-    def score_encoded(self, encoded, per_token=False):
+    def score_encoded(self, encoded, per_token=False, self_certainty=False):
         self.calls.append([e.length for e in encoded])
         if self.fail:
             raise RuntimeError("the model failed")

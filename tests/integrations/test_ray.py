@@ -60,13 +60,19 @@ def run_ray(*args, workers=1):
 
 @contextlib.contextmanager
 def one_thread():
-    """One torch thread, as each Ray actor with one CPU has (see the module doc)."""
-    before = torch.get_num_threads()
+    """One torch thread, as each Ray actor with one CPU has (see the module doc): EndoRM sets its thread count before
+    each batch, so the reference runs are told with ENDOKERN_THREADS."""
+    before, env = torch.get_num_threads(), os.environ.get("ENDOKERN_THREADS")
     torch.set_num_threads(1)
+    os.environ["ENDOKERN_THREADS"] = "1"
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("ENDOKERN_THREADS", None)
+        else:
+            os.environ["ENDOKERN_THREADS"] = env
 
 
 def folder_rows(path):

@@ -10,6 +10,7 @@ results in input order.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ class EndoRM:
         self.threads: Optional[int] = None
         self.threads_reason = ""
         self._thread_policy: Optional[machine.ThreadPolicy] = None
+        self._pid = os.getpid()
         if device_type == "cpu":
             count, adaptive, self.threads_reason = machine.resolve_threads(threads)
             usable = machine.usable_cpus()[0] if adaptive else count
@@ -203,7 +205,10 @@ class EndoRM:
         """Set torch's thread count to the policy's (on CPU; before each batch)."""
         if self._thread_policy is None:
             return
-        self.threads = self._thread_policy.threads()
+        if os.getpid() != self._pid:  # a forked copy (datasets' num_proc): the parent's OpenMP pool did not survive
+            self.threads = 1       # the fork, and more threads than one deadlock there
+        else:
+            self.threads = self._thread_policy.threads()
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 

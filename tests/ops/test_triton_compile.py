@@ -129,7 +129,7 @@ def test_narrow_load_layouts_take_their_own_config(compiled, label):
     """D not a multiple of 16 and a transposed head get the narrow-load config (no spills is test_compile_checks)."""
     import torch
 
-    from endokern.ops.triton_backend import kernel_config
+    from endokern.ops.triton_backend import GPU_CANDIDATES, kernel_config
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     seen = set()
@@ -138,6 +138,8 @@ def test_narrow_load_layouts_take_their_own_config(compiled, label):
             continue
         narrow = r["shape"] == "d-not-16" or r["layout"] == "transposed-head"
         cfg = kernel_config(torch.device("cuda"), dtypes[r["dtype"]], wide_loads=not narrow)
+        if r.get("logit_sum") and cfg == GPU_CANDIDATES["default"]:
+            cfg = cfg._replace(num_stages=2)  # launch_config's rule for the logit sum (no spill with 2 stages)
         assert (r["block"], r["num_stages"]) == (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", cfg.num_stages), (
             f"sm_{r['arch']} {r['dtype']} {r['shape']} {r['layout']}: {r['block']} s{r['num_stages']}")
         seen.add(narrow)

@@ -2,10 +2,10 @@
 
 import copy
 import functools
+import math
 import os
 
 import torch
-
 from oracle import sequence_rewards64
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "stories260K")
@@ -35,27 +35,30 @@ def random_examples(gen, vocab, count, max_prompt=30, max_response=40, low=3):
     return prompts, responses
 
 
-def oracle(model, prompt_ids, response_ids, *, alpha=1.0, gamma=1.0, terminal="zero"):
-    """Per example: a dict of every output field, from the float64 copy's own full logits (its own head,
-    bias, logit scale and softcap), through SPEC section 1 as tests/oracle.py writes it."""
+def full_logits64(model, prompt_ids, response_ids):
+    """Per example: ``(prompt ids, token ids [1, T], the float64 copy's full logits [T, V])``."""
     model64 = _model64(model)
-    out = []
     with torch.no_grad():
         for p, r in zip(prompt_ids, response_ids):
             ids = torch.tensor([list(p) + list(r)])
-            z = model64(input_ids=ids, use_cache=False).logits[0]
-            rewards, logprobs, values = sequence_rewards64(z, ids[0], len(p), alpha=alpha, gamma=gamma, terminal=terminal)
-            out.append(
-                {
-                    "reward_sum": float(rewards.sum()),
-                    "reward_mean": float(rewards.mean()),
-                    "logprob": float(alpha * logprobs.sum()),
-                    "num_tokens": len(r),
-                    "token_rewards": rewards.tolist(),
-                    "token_logprobs": logprobs.tolist(),
-                    "token_values": values.tolist(),
-                }
-            )
+            yield p, ids, model64(input_ids=ids, use_cache=False).logits[0]
+
+
+def oracle(model, prompt_ids, response_ids, *, alpha=1.0, gamma=1.0, terminal="zero"):
+    """Per example: a dict of every output field, from the float64 copy's own full logits (its own head,
+    bias, logit scale and softcap), through SPEC section 1 as tests/oracle.py writes it."""
+    out = []
+    for p, ids, z in full_logits64(model, prompt_ids, response_ids):
+        rewards, logprobs, values = sequence_rewards64(z, ids[0], len(p), alpha=alpha, gamma=gamma, terminal=terminal)
+        out.append({
+            "reward_sum": float(rewards.sum()),
+            "reward_mean": float(rewards.mean()),
+            "logprob": float(alpha * logprobs.sum()),
+            "num_tokens": ids.shape[1] - len(p),
+            "token_rewards": rewards.tolist(),
+            "token_logprobs": logprobs.tolist(),
+            "token_values": values.tolist(),
+        })
     return out
 
 
@@ -84,3 +87,17 @@ def assert_close_to_oracle(results, expected, rtol, reduce="sum"):
             worst = max(worst, err)
             assert err <= rtol, f"example {i} {name}: {got} vs oracle {want} (relative error {err:.3g} > {rtol})"
     return worst
+
+
+# Text for the integration tests: random sentences of the fixture's words, and the batch-composition tolerance.
+WORDS = "the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was".split()
+RTOL = 1e-5
+
+
+def sentence(rng, low=2, high=8):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def close(a, b, rtol=RTOL):
+    """``a`` is a number within ``rtol`` (relative, and absolute near zero) of ``b``."""
+    return a is not None and math.isclose(a, b, rel_tol=rtol, abs_tol=rtol)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import backend_params
-from model_utils import _model64, fixture_model, random_examples
+from model_utils import fixture_model, full_logits64, random_examples
 
 from endokern import EndoRM
 
@@ -16,16 +16,12 @@ from endokern import EndoRM
 def self_certainty_oracle(model, prompt_ids, response_ids):
     """Per example (mean, per-state list): LSE(z) - mean(z) - log V at the H states s_1 .. s_H (positions p .. T-1,
     1-based: the logits that predict the response tokens), from the float64 copy's full logits."""
-    model64 = _model64(model)
     out = []
-    with torch.no_grad():
-        for p, r in zip(prompt_ids, response_ids):
-            ids = torch.tensor([list(p) + list(r)])
-            z = model64(input_ids=ids, use_cache=False).logits[0]
-            states = z[len(p) - 1 : len(p) - 1 + len(r)]  # 0-based rows p-1 .. p+H-2
-            per_state = torch.logsumexp(states, dim=1) - states.mean(dim=1) - math.log(z.shape[1])
-            scale = torch.maximum(torch.logsumexp(states, dim=1).abs(), states.abs().mean(dim=1)).clamp(min=1.0)
-            out.append((float(per_state.mean()), per_state.tolist(), scale.tolist()))
+    for p, ids, z in full_logits64(model, prompt_ids, response_ids):
+        states = z[len(p) - 1 : ids.shape[1] - 1]  # 0-based rows p-1 .. p+H-2: the states that predict the response
+        per_state = torch.logsumexp(states, dim=1) - states.mean(dim=1) - math.log(z.shape[1])
+        scale = torch.maximum(torch.logsumexp(states, dim=1).abs(), states.abs().mean(dim=1)).clamp(min=1.0)
+        out.append((float(per_state.mean()), per_state.tolist(), scale.tolist()))
     return out
 
 

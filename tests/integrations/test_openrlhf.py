@@ -15,7 +15,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from model_utils import FIXTURE, fixture_model
+from model_utils import FIXTURE, close, fixture_model, sentence
 
 if os.environ.get("ENDOKERN_REQUIRE_RL") != "1":
     pytest.importorskip("openrlhf")
@@ -28,21 +28,10 @@ import endokern.integrations.openrlhf as endo_openrlhf  # noqa: E402
 from endokern import EndoRM  # noqa: E402
 from endokern.pipeline import RowScorer  # noqa: E402
 
-WORDS = "the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was".split()
-RTOL = 1e-5
-
 
 @pytest.fixture
 def rng(gen):
     return random.Random(int(gen.initial_seed()))
-
-
-def close(a, b):
-    return a is not None and math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
-
-
-def sentence(rng, low=2, high=8):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
 class Engine:

@@ -15,33 +15,21 @@ Rewards equal offline scoring of the same tokens within 1e-5 relative."""
 
 import asyncio
 import importlib
-import math
 import os
 import random
 from types import SimpleNamespace
 
 import pytest
-from model_utils import FIXTURE, fixture_model, random_examples
+from model_utils import FIXTURE, close, fixture_model, random_examples, sentence
 
 from endokern import EndoRM
 from endokern.integrations import slime as endo_slime
 from endokern.pipeline import RowScorer
 
-WORDS = "the cat dog girl boy sun park ran played happy sad big little tree ball home mom said and was".split()
-RTOL = 1e-5
-
 
 @pytest.fixture
 def rng(gen):
     return random.Random(int(gen.initial_seed()))
-
-
-def close(a, b):
-    return a is not None and math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL)
-
-
-def sentence(rng, low=2, high=8):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
 def load_function(path):

@@ -64,16 +64,22 @@ def assert_matches_oracle(out, hidden, weight, targets, *, alpha, bias, softcap,
         scale = (zmax / alpha).clamp(min=1.0) * max(1.0, math.log(v))
         checks.append(("entropy", out[2], ref_e, dz / alpha * spread + 1e-5 * torch.maximum(ref_e.abs(), scale)))
     for name, got, ref, tol in checks:
-        got = got.double().cpu()
-        assert got.shape == ref.shape, f"{label} {name}: shape {tuple(got.shape)}, oracle {tuple(ref.shape)}"
-        nan_ref = torch.isnan(ref)
-        assert torch.equal(torch.isnan(got), nan_ref), f"{label} {name}: NaN pattern differs from the oracle"
-        err = (got - ref).abs().masked_fill(nan_ref, 0.0)
-        worst = int((err / tol).argmax())
-        assert bool((err <= tol).all()), (
-            f"{label} {name}: worst row {worst}: got {got[worst].item():.9g}, oracle {ref[worst].item():.9g}, "
-            f"error {err[worst].item():.3g} > tolerance {tol[worst].item():.3g}"
-        )
+        assert_within(f"{label} {name}", got, ref, tol)
+
+
+def assert_within(label, got, ref, tol):
+    """Every row of ``got`` within ``tol`` of the float64 ``ref``, NaN exactly where ``ref`` is NaN; the message names
+    the worst row."""
+    got, ref, tol = got.double().cpu(), ref.cpu(), tol.cpu()
+    assert got.shape == ref.shape, f"{label}: shape {tuple(got.shape)}, oracle {tuple(ref.shape)}"
+    nan_ref = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan_ref), f"{label}: NaN pattern differs from the oracle"
+    err = (got - ref).abs().masked_fill(nan_ref, 0.0)
+    worst = int((err / tol).argmax())
+    assert bool((err <= tol).all()), (
+        f"{label}: worst row {worst}: got {got[worst].item():.9g}, oracle {ref[worst].item():.9g}, "
+        f"error {err[worst].item():.3g} > tolerance {tol[worst].item():.3g}"
+    )
 
 
 def same_bits(a, b):
